@@ -1,0 +1,84 @@
+"""Defaults shared by every config: the paper's CIFAR10 recipe (reference §3).
+
+Other configs start from `get_config()` here and override what differs.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "cifar10"  # a TFDS name, "digits" (scikit-learn, bundled) or "imagefolder"
+    data.split = "train"
+    data.eval_split = "test"
+    data.image_size = 32
+    data.channels = 3
+    data.random_flip = True  # per image, p = 0.5, on device like the original's model_fn
+    data.data_dir = ""  # TFDS data_dir; empty = TFDS default
+    data.folder = ""  # for name == "imagefolder": a tree of PNG/JPEG files
+    data.in_memory = True  # load the split into host RAM: exact, step-indexed data order
+    data.shuffle_buffer = 50_000  # streaming (in_memory=False) only
+    data.prefetch = 2  # host batches prepared ahead of the device
+
+    config.model = model = ml_collections.ConfigDict()
+    model.ch = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.dropout = 0.1
+    model.num_classes = 0  # 0 = unconditional, like the paper
+    model.dtype = "float32"  # compute dtype; "bfloat16" keeps params and optimizer in float32
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.num_timesteps = 1000
+    diffusion.beta_schedule = "linear"
+    diffusion.beta_start = 1e-4
+    diffusion.beta_end = 0.02
+    diffusion.mean_type = "eps"
+    diffusion.var_type = "fixedlarge"
+    diffusion.loss_type = "mse"
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128  # global, over all devices of all hosts
+    training.num_steps = 800_000
+    training.lr = 2e-4
+    training.warmup_steps = 5000
+    training.adam_b1 = 0.9
+    training.adam_b2 = 0.999
+    training.adam_eps = 1e-8
+    training.adam_eps_style = "tf"  # "tf": TF1's epsilon-hat form, as the original; "optax"
+    training.grad_clip = 1.0
+    training.clip_mode = "per_device"  # like the original's 8 x 16 replicas; or "global"
+    training.ema_decay = 0.9999
+    training.steps_per_call = 100  # optimizer steps per host call (lax.scan)
+    training.log_every = 100
+    training.checkpoint_every = 10_000
+    training.keep_checkpoints = 3
+    training.archive_every = 100_000  # checkpoints kept for good; 0 = none
+    training.sample_every = 20_000  # EMA sample grid to TensorBoard and workdir/samples/
+    training.num_grid_samples = 64
+    training.max_nonfinite = 10  # consecutive skipped non-finite updates before stopping
+
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.method = "ancestral"  # or "ddim"
+    sample.num_samples = 256
+    sample.batch_size = 256  # global per call
+    sample.ddim_steps = 100
+    sample.ddim_eta = 0.0
+    sample.ddim_skip = "uniform"  # or "quad"
+    sample.clip_denoised = True
+    sample.progress_every = 50  # keep x0 predictions every k steps for strips/GIFs; 0 = off
+    sample.seed = 0
+
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.num_samples = 50_000
+    evaluation.batch_size = 256
+    evaluation.inception_weights = ""
+    evaluation.bpd = False
+    evaluation.bpd_batch_size = 256
+    evaluation.every = 0  # training-time eval every K steps on few samples; 0 = off
+    evaluation.num_samples_during_training = 2048
+    return config
