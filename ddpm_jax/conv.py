@@ -1,0 +1,87 @@
+"""2-D convolution whose kernel gradient is written as a canonical convolution.
+
+Why: inside a `lax.scan`/`while` body (the `steps_per_call` train loop), XLA:CPU leaves the
+kernel-gradient convolution of `lax.conv_general_dilated` in a non-canonical dimension order
+(`f01b_i01o->01bf`) and runs it on a naive loop emitter, 20-200x slower than outside the loop.
+Expressing the same sum as an ordinary NHWC convolution, with the batch as the contracted
+feature axis, keeps it on the fast path. The result is mathematically identical:
+
+    dW[kh, kw, i, o] = Σ_{b,y,x} x_pad[b, s·y + kh, s·x + kw, i] · g[b, y, x, o]
+
+which is a convolution of x_padᵀ [i, H, W, b] with gᵀ [Ho, Wo, b, o] dilated by the stride s.
+`KERNEL_GRAD = "auto"` uses it on the CPU backend only; TPU/GPU keep XLA's own gradient.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# "auto" (explicit on CPU), "explicit" or "native"; read when a model is traced.
+KERNEL_GRAD = "auto"
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _use_explicit() -> bool:
+    if KERNEL_GRAD == "auto":
+        return jax.default_backend() == "cpu"
+    return KERNEL_GRAD == "explicit"
+
+
+def _conv(x, w, strides, padding, precision):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_explicit_kernel_grad(x, w, strides, padding, precision):
+    return _conv(x, w, strides, padding, precision)
+
+
+def _forward(x, w, strides, padding, precision):
+    return _conv(x, w, strides, padding, precision), (x, w)
+
+
+def _backward(strides, padding, precision, residuals, g):
+    x, w = residuals
+    _, input_vjp = jax.vjp(lambda x: _conv(x, w, strides, padding, precision), x)
+    (dx,) = input_vjp(g)
+    kh, kw = w.shape[:2]
+    x_t = jnp.transpose(x, (3, 1, 2, 0))  # [i, H, W, b]
+    g_t = jnp.transpose(g, (1, 2, 0, 3))  # [Ho, Wo, b, o]
+    dw = lax.conv_general_dilated(x_t, g_t, (1, 1), padding, rhs_dilation=strides,
+                                  dimension_numbers=_NHWC, precision=precision)
+    dw = jnp.transpose(dw[:, :kh, :kw, :], (1, 2, 0, 3))  # [kh, kw, i, o]
+    return dx, dw.astype(w.dtype)
+
+
+_conv_explicit_kernel_grad.defvjp(_forward, _backward)
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, precision: Any = None, **kwargs
+                         ) -> jax.Array:
+    """Drop-in for `lax.conv_general_dilated` (as `nnx.Conv(conv_general_dilated=...)`)."""
+    simple = (lhs.ndim == 4 and feature_group_count == 1
+              and all(d in (None, 1) for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+              and kwargs.get("preferred_element_type") is None)
+    if not (simple and _use_explicit()):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding,
+                                        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                                        dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count,
+                                        precision=precision, **kwargs)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
+        raise ValueError(f"explicit kernel gradient supports NHWC/HWIO only, got {dn}")
+    if isinstance(padding, str):
+        padding = tuple(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides,
+                                            padding))
+    return _conv_explicit_kernel_grad(lhs, rhs, tuple(window_strides),
+                                      tuple(tuple(p) for p in padding), precision)
