@@ -1,0 +1,256 @@
+"""Compiled samplers: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021).
+
+Each sampler is one ``lax.scan`` over the reverse steps (no Python loop per step, no host
+round-trip), so ``jax.jit(lambda x, k: ancestral_sample(denoise_fn, schedule, x, k, ...))``
+compiles the whole chain into a single program. ``denoise_fn(x, t) -> model_output`` takes
+x [B, H, W, C] and int32 t [B]. The per-step functions ``p_sample`` and ``ddim_step`` are pure
+in (model output, noise) so they can be tested against other implementations.
+
+Randomness: the noise used at timestep t is ``jax.random.normal(jax.random.fold_in(key, t), x.shape)``,
+so the same key always gives the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax.diffusion import (
+    DenoiseFn,
+    Schedule,
+    extract,
+    p_mean_variance,
+    predict_eps_from_xstart,
+    predict_xstart_from_eps,
+)
+
+
+def _step_noise(key: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+    """N(0, I) noise for timestep t: a pure function of (key, t)."""
+    return jax.random.normal(jax.random.fold_in(key, t), x.shape, dtype=x.dtype)
+
+
+def _broadcast_batch(values: jax.Array, ndim: int) -> jax.Array:
+    """Reshape per-example values [B] (or a scalar) to [B, 1, ..., 1] with ``ndim`` axes."""
+    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+def _num_progress_slots(num_steps: int, xstart_every: int) -> int:
+    if xstart_every <= 0:
+        raise ValueError("xstart_every must be a positive integer")
+    return math.ceil(num_steps / xstart_every)
+
+
+# --------------------------------------------------------------------------------------
+# DDPM ancestral sampling
+# --------------------------------------------------------------------------------------
+
+
+def p_sample(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    noise: jax.Array,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """One reverse step x_{t-1} = μ_θ(x_t, t) + 1[t > 0] · exp(½ log σ_t²) · z (Alg. 2, line 4).
+
+    Returns (x_{t-1}, x̂_0). No noise is added at t = 0 (code index), as in the original.
+    """
+    out = p_mean_variance(
+        schedule, model_output, x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+    )
+    nonzero_mask = _broadcast_batch(jnp.asarray(t) != 0, x_t.ndim).astype(x_t.dtype)
+    x_prev = out.mean + nonzero_mask * jnp.exp(0.5 * out.log_variance) * noise
+    return x_prev.astype(x_t.dtype), out.pred_xstart
+
+
+def ancestral_sample(
+    denoise_fn: DenoiseFn,
+    schedule: Schedule,
+    x_T: jax.Array,
+    key: jax.Array,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    xstart_every: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Run the reverse chain x_T -> x_0 with ``p_sample`` for t = T-1..0 (Alg. 2) in one ``lax.scan``.
+
+    With ``xstart_every = n`` also returns pred_xstart_progress [K, B, H, W, C], K = ceil(T / n),
+    where slot k holds x̂_0 predicted at t = n·k (the original keeps n = 50; slot 0 is the final
+    sample when clipping is on, since μ at t = 0 is x̂_0).
+    """
+    num_timesteps = schedule.num_timesteps
+    batch = x_T.shape[0]
+
+    def step(carry, t):
+        x, progress = carry
+        t_batch = jnp.full((batch,), t, dtype=jnp.int32)
+        model_output = denoise_fn(x, t_batch)
+        x_prev, pred_xstart = p_sample(
+            schedule,
+            model_output,
+            x,
+            t_batch,
+            _step_noise(key, t, x),
+            mean_type=mean_type,
+            var_type=var_type,
+            clip_denoised=clip_denoised,
+        )
+        if progress is not None:
+            # t descends, so the last write to slot t // n happens at t = n·(t // n).
+            progress = jax.lax.dynamic_update_index_in_dim(
+                progress, pred_xstart.astype(progress.dtype), t // xstart_every, axis=0
+            )
+        return (x_prev, progress), None
+
+    progress = None
+    if xstart_every is not None:
+        num_slots = _num_progress_slots(num_timesteps, xstart_every)
+        progress = jnp.zeros((num_slots,) + x_T.shape, dtype=x_T.dtype)
+    timesteps = jnp.arange(num_timesteps - 1, -1, -1, dtype=jnp.int32)
+    (samples, progress), _ = jax.lax.scan(step, (x_T, progress), timesteps)
+    if xstart_every is None:
+        return samples
+    return samples, progress
+
+
+# --------------------------------------------------------------------------------------
+# DDIM
+# --------------------------------------------------------------------------------------
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, kind: str = "uniform") -> np.ndarray:
+    """Increasing sub-sequence τ of {0..T-1} used by DDIM (Song et al. 2021, App. D.2 / their code).
+
+    uniform: τ_i = i·(T // S), i = 0..S-1 (the DDIM code's ``range(0, T, T // S)``, truncated to S);
+    quad: τ_i = int((i·√(0.8 T)/(S-1))²). The quad sequence can repeat small values when S is large
+    relative to √(0.8 T) exactly as in the DDIM code; a repeated step is harmless (ᾱ_prev = ᾱ_t).
+    """
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    if kind == "uniform":
+        timesteps = np.arange(num_steps) * (num_timesteps // num_steps)
+    elif kind == "quad":
+        timesteps = (np.linspace(0.0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
+    else:
+        raise ValueError(f"unknown DDIM timestep kind {kind!r}")
+    return timesteps.astype(np.int32)
+
+
+def _alphas_cumprod_or_one(schedule: Schedule, t: jax.Array, ndim: int) -> jax.Array:
+    """ᾱ_t gathered at t, with ᾱ_{-1} = 1 (the step after the last one lands on x_0)."""
+    t = jnp.asarray(t)
+    values = extract(schedule.alphas_cumprod, jnp.maximum(t, 0), ndim)
+    return jnp.where(_broadcast_batch(t >= 0, ndim), values, 1.0)
+
+
+def ddim_step(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    t_prev: jax.Array,
+    noise: jax.Array,
+    *,
+    eta: float | jax.Array = 0.0,
+    mean_type: str = "eps",
+    clip_denoised: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """One generalized step x_t -> x_{t_prev} (DDIM Eq. 12), t_prev = -1 meaning "to x_0":
+
+    x_prev = √ᾱ_prev x̂_0 + √(1 - ᾱ_prev - σ²) ε̂ + σ z,
+    σ = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev)   (Eq. 16).
+
+    x̂_0 comes from the eps or xstart output (only the first C channels are used, so a learned-variance
+    output is fine) and is clipped if ``clip_denoised``; ε̂ is then re-derived from the clipped x̂_0
+    (as in Improved DDPM / guided-diffusion). η = 1 with t_prev = t - 1 is DDPM with σ² = β̃_t.
+    Returns (x_prev, x̂_0).
+    """
+    if mean_type not in ("eps", "xstart"):
+        raise ValueError(f"DDIM supports mean_type 'eps' or 'xstart', got {mean_type!r}")
+    ndim = x_t.ndim
+    mean_part = model_output[..., : x_t.shape[-1]]
+    if mean_type == "eps":
+        pred_xstart = predict_xstart_from_eps(schedule, x_t, t, mean_part)
+    else:
+        pred_xstart = mean_part
+    if clip_denoised:
+        pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
+    eps = predict_eps_from_xstart(schedule, x_t, t, pred_xstart)
+
+    alpha_bar = extract(schedule.alphas_cumprod, t, ndim)
+    alpha_bar_prev = _alphas_cumprod_or_one(schedule, t_prev, ndim)
+    sigma = eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)) * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev)
+    direction = jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
+    x_prev = jnp.sqrt(alpha_bar_prev) * pred_xstart + direction + sigma * noise
+    return x_prev.astype(x_t.dtype), pred_xstart
+
+
+def ddim_sample(
+    denoise_fn: DenoiseFn,
+    schedule: Schedule,
+    x_T: jax.Array,
+    key: jax.Array,
+    *,
+    timesteps: np.ndarray | jax.Array,
+    eta: float | jax.Array = 0.0,
+    mean_type: str = "eps",
+    clip_denoised: bool = True,
+    xstart_every: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """DDIM sampling over the increasing sub-sequence ``timesteps`` (e.g. from ``ddim_timesteps``) in one
+    ``lax.scan``: steps τ_{S-1} -> τ_{S-2} -> ... -> τ_0 -> x_0 with ``ddim_step``.
+
+    The noise at step τ_i is drawn from ``fold_in(key, τ_i)``; with a Python ``eta == 0`` no noise is
+    drawn at all and the result depends only on x_T. With ``xstart_every = n`` also returns
+    progress [K, B, H, W, C], K = ceil(S / n), slot k = x̂_0 predicted at timesteps[n·k]
+    (slot 0 is the final sample when clipping is on and timesteps[0] = 0 is the last step).
+    """
+    timesteps = jnp.asarray(timesteps, dtype=jnp.int32)
+    num_steps = timesteps.shape[0]
+    batch = x_T.shape[0]
+    deterministic = isinstance(eta, (int, float)) and eta == 0
+    step_indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
+    previous_timesteps = jnp.concatenate([jnp.array([-1], dtype=jnp.int32), timesteps[:-1]])
+
+    def step(carry, index):
+        x, progress = carry
+        t = timesteps[index]
+        t_batch = jnp.full((batch,), t, dtype=jnp.int32)
+        t_prev_batch = jnp.full((batch,), previous_timesteps[index], dtype=jnp.int32)
+        model_output = denoise_fn(x, t_batch)
+        noise = jnp.zeros_like(x) if deterministic else _step_noise(key, t, x)
+        x_prev, pred_xstart = ddim_step(
+            schedule,
+            model_output,
+            x,
+            t_batch,
+            t_prev_batch,
+            noise,
+            eta=eta,
+            mean_type=mean_type,
+            clip_denoised=clip_denoised,
+        )
+        if progress is not None:
+            progress = jax.lax.dynamic_update_index_in_dim(
+                progress, pred_xstart.astype(progress.dtype), index // xstart_every, axis=0
+            )
+        return (x_prev, progress), None
+
+    progress = None
+    if xstart_every is not None:
+        progress = jnp.zeros((_num_progress_slots(num_steps, xstart_every),) + x_T.shape, dtype=x_T.dtype)
+    (samples, progress), _ = jax.lax.scan(step, (x_T, progress), step_indices)
+    if xstart_every is None:
+        return samples
+    return samples, progress
