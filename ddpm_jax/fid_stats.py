@@ -1,0 +1,194 @@
+"""Reference FID statistics (mu, sigma of Inception pool features) for a folder of images or an npz.
+
+Usage:
+  python -m ddpm_jax.fid_stats --images DIR_OR_NPZ --out stats.npz \
+      [--inception_weights PATH] [--batch_size 200] [--overwrite]
+
+A folder is searched recursively for .png/.jpg/.jpeg files (converted to RGB). An npz must hold
+uint8 NHWC images under the key `images` (or as its first array). The output is written by
+`metrics.save_stats` (keys mu, sigma, num_images, meta) and is never overwritten without
+`--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class FidStatsError(Exception):
+    """A user-facing input problem, reported as one line by the CLI."""
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """All PNG/JPEG files under `folder` (recursive), sorted by path."""
+    return sorted(
+        path
+        for path in Path(folder).rglob("*")
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 RGB [H, W, 3]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Exception as error:
+        raise FidStatsError(f"cannot read image {path}: {error}") from error
+
+
+def _same_shape_runs(images: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Stack consecutive images of equal size (so folders of mixed sizes still batch)."""
+    start = 0
+    for end in range(1, len(images) + 1):
+        if end == len(images) or images[end].shape != images[start].shape:
+            yield np.stack(images[start:end])
+            start = end
+
+
+def folder_batches(files: Sequence[Path], batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 [n <= batch_size, H, W, 3] batches of the given files, in order."""
+    for start in range(0, len(files), batch_size):
+        yield from _same_shape_runs([read_image(path) for path in files[start : start + batch_size]])
+
+
+def load_npz_images(path: str | Path) -> np.ndarray:
+    """uint8 NHWC images from an npz (key `images`, else its first array); gray -> RGB."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not data.files:
+                raise FidStatsError(f"{path} holds no arrays")
+            key = "images" if "images" in data.files else data.files[0]
+            images = data[key]
+    except FidStatsError:
+        raise
+    except Exception as error:
+        raise FidStatsError(f"cannot read {path} as an npz of images: {error}") from error
+    if images.dtype != np.uint8:
+        raise FidStatsError(f"{path}['{key}'] has dtype {images.dtype}, expected uint8 images")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise FidStatsError(f"{path}['{key}'] has shape {images.shape}, expected NHWC with 1 or 3 channels")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return images
+
+
+def batched_inception_outputs(
+    params,
+    batches: Iterable[np.ndarray],
+    batch_size: int,
+    keys: Sequence[str] = ("pool",),
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run the jitted Inception over image batches; yields host float arrays per batch.
+
+    Batches smaller than `batch_size` are zero-padded (and the padding dropped from the output)
+    so each image size compiles once.
+    """
+    import jax
+
+    from ddpm_jax.inception import inception_apply
+
+    apply = jax.jit(inception_apply)
+    for batch in batches:
+        count = batch.shape[0]
+        if count < batch_size:
+            padding = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, padding])
+        outputs = apply(params, batch)
+        yield {key: np.asarray(outputs[key])[:count] for key in keys}
+
+
+def compute_stats(
+    params,
+    batches: Iterable[np.ndarray],
+    batch_size: int,
+    total: int | None = None,
+    log_every: int = 10,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, unbiased sigma, count) of the 2048-d pool features of all images in `batches`."""
+    from ddpm_jax.inception import NUM_FEATURES
+    from ddpm_jax.metrics import FeatureStatsAccumulator
+
+    accumulator = FeatureStatsAccumulator(NUM_FEATURES)
+    start = time.time()
+    for index, outputs in enumerate(batched_inception_outputs(params, batches, batch_size), 1):
+        accumulator.update(outputs["pool"])
+        if log_every and index % log_every == 0:
+            rate = accumulator.count / max(time.time() - start, 1e-9)
+            of_total = f"/{total}" if total else ""
+            print(f"fid_stats: {accumulator.count}{of_total} images ({rate:.1f} img/s)", file=sys.stderr)
+    if accumulator.count < 2:
+        raise FidStatsError(f"need at least 2 images for a covariance, got {accumulator.count}")
+    mu, sigma = accumulator.stats()
+    return mu, sigma, accumulator.count
+
+
+def _image_source(images: Path, batch_size: int) -> tuple[Iterable[np.ndarray], int]:
+    if images.is_dir():
+        files = list_image_files(images)
+        if not files:
+            raise FidStatsError(f"no .png/.jpg/.jpeg images found under {images}")
+        return folder_batches(files, batch_size), len(files)
+    if images.is_file():
+        array = load_npz_images(images)
+        if array.shape[0] == 0:
+            raise FidStatsError(f"{images} holds no images")
+        batches = (array[i : i + batch_size] for i in range(0, array.shape[0], batch_size))
+        return batches, array.shape[0]
+    raise FidStatsError(f"--images {images} is neither a folder nor a file")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ddpm_jax.fid_stats", description=__doc__.split("\n")[0])
+    parser.add_argument("--images", required=True, help="folder of PNG/JPEG images, or an npz of uint8 NHWC images")
+    parser.add_argument("--out", required=True, help="output .npz (mu, sigma, num_images, meta)")
+    parser.add_argument("--inception_weights", default=None, help="pt_inception-2015-12-05-6726825d.pth or converted .npz")
+    parser.add_argument("--cache_dir", default=None, help="weights cache (default ~/.cache/ddpm_jax)")
+    parser.add_argument("--batch_size", type=int, default=200)
+    parser.add_argument("--log_every", type=int, default=10, help="progress line every N batches (0: never)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise FidStatsError(f"{out} exists; pass --overwrite to replace it")
+        if args.batch_size < 1:
+            raise FidStatsError(f"--batch_size must be positive, got {args.batch_size}")
+        batches, total = _image_source(Path(args.images), args.batch_size)
+
+        from ddpm_jax.inception import load_inception_params
+        from ddpm_jax.metrics import save_stats
+
+        params = load_inception_params(args.inception_weights, args.cache_dir)
+        mu, sigma, count = compute_stats(params, batches, args.batch_size, total, args.log_every)
+        meta = {
+            "num_images": count,
+            "source": str(args.images),
+            "inception_weights": str(args.inception_weights or "default"),
+        }
+        save_stats(out, mu, sigma, meta)
+    except (FidStatsError, ValueError, RuntimeError, FileNotFoundError) as error:
+        print(f"fid_stats: error: {error}", file=sys.stderr)
+        return 1
+    print(f"fid_stats: wrote {out} ({count} images)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
