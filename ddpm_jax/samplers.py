@@ -116,7 +116,7 @@ def ancestral_sample(
     progress = None
     if xstart_every is not None:
         num_slots = _num_progress_slots(num_timesteps, xstart_every)
-        progress = jnp.zeros((num_slots,) + x_T.shape, dtype=x_T.dtype)
+        progress = jnp.zeros_like(x_T, shape=(num_slots,) + x_T.shape)  # same device-variance as x_T
     timesteps = jnp.arange(num_timesteps - 1, -1, -1, dtype=jnp.int32)
     (samples, progress), _ = jax.lax.scan(step, (x_T, progress), timesteps)
     if xstart_every is None:
@@ -249,7 +249,7 @@ def ddim_sample(
 
     progress = None
     if xstart_every is not None:
-        progress = jnp.zeros((_num_progress_slots(num_steps, xstart_every),) + x_T.shape, dtype=x_T.dtype)
+        progress = jnp.zeros_like(x_T, shape=(_num_progress_slots(num_steps, xstart_every),) + x_T.shape)
     (samples, progress), _ = jax.lax.scan(step, (x_T, progress), step_indices)
     if xstart_every is None:
         return samples
