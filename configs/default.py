@@ -74,11 +74,22 @@ def get_config() -> ml_collections.ConfigDict:
     sample.seed = 0
 
     config.eval = evaluation = ml_collections.ConfigDict()
-    evaluation.num_samples = 50_000
-    evaluation.batch_size = 256
-    evaluation.inception_weights = ""
+    evaluation.num_samples = 50_000  # for IS / FID; 0 = skip them (e.g. bits/dim only)
+    evaluation.batch_size = 256  # global; samples per part file and Inception batch
+    evaluation.seed = 0  # eval samples and bpd noise are pure functions of this key
+    evaluation.inception_weights = ""  # "" = ~/.cache/ddpm_jax (downloaded on first use)
+    evaluation.quantize = True  # Inception sees samples rounded to uint8 (as saved images);
+    # False: unquantised (x+1)*127.5 floats, like the original repo's monitor
+    evaluation.is_splits = 10  # 10 = OpenAI code (paper's ±); 1 = TF-GAN / repo monitor
+    evaluation.stats_dir = ""  # reference stats cache; "" = ~/.cache/ddpm_jax/fid_stats
+    evaluation.train_stats = ""  # precomputed stats npz (mu, sigma) instead of data.split
+    evaluation.test_stats = ""  # precomputed stats npz instead of data.eval_split
+    evaluation.ref_max_images = 0  # reference images per split; 0 = the whole split
     evaluation.bpd = False
-    evaluation.bpd_batch_size = 256
+    evaluation.bpd_train = False  # also the bound on data.split (the paper's "(train)" number)
+    evaluation.bpd_batch_size = 256  # global; drop_remainder like the original
+    evaluation.bpd_num_images = 0  # per split; 0 = all (rounded down to whole batches)
+    evaluation.bpd_clip_denoised = True  # like the original's calc_bpd_loop
     evaluation.every = 0  # training-time eval every K steps on few samples; 0 = off
     evaluation.num_samples_during_training = 2048
     return config

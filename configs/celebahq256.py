@@ -1,0 +1,30 @@
+"""CelebA-HQ 256x256 (reference §7): `unet2d16b2c112244`, 113,673,219 parameters.
+
+TFDS `celeb_a_hq/256` needs a manual download (see the TFDS catalog); point
+`--config.data.data_dir` at the prepared data. lr 2e-5, batch 64 (8 per core), dropout 0,
+fixedsmall variance, random flips, 0.5M steps.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.name = "celeb_a_hq/256"
+    config.data.eval_split = ""
+    config.data.image_size = 256
+    config.data.in_memory = False
+    config.data.random_flip = True
+    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.dropout = 0.0
+    config.diffusion.var_type = "fixedsmall"
+    config.training.lr = 2e-5
+    config.training.batch_size = 64
+    config.training.num_steps = 500_000
+    config.training.steps_per_call = 10
+    config.training.log_every = 100
+    config.training.sample_every = 50_000
+    config.training.num_grid_samples = 16
+    config.sample.batch_size = 64
+    config.eval.batch_size = 64
+    return config

@@ -1,0 +1,94 @@
+"""Orbax checkpoints of the train state under `workdir/checkpoints/<step>/`.
+
+Each checkpoint holds the whole `TrainState` (step, params, EMA, Adam moments) and the run's
+config as JSON, so a workdir cannot silently be resumed with a different model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+# Config keys that may change between a run and its resumption without changing the model.
+_RESUMABLE_KEYS = ("training", "sample", "eval", "data.prefetch", "data.data_dir",
+                   "data.shuffle_buffer", "data.in_memory", "model.dtype")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+def make_manager(workdir: str, training_config=None, *, read_only: bool = False
+                 ) -> ocp.CheckpointManager:
+    tc = training_config
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=tc.keep_checkpoints if tc else None,
+        keep_period=(tc.archive_every or None) if tc else None,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, config) -> bool:
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_mismatches(saved: dict, config) -> list[str]:
+    """Config entries that differ from the checkpoint's and would change the model or data."""
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    before = _flatten(saved)
+    differ = []
+    for key in sorted(set(now) | set(before)):
+        if any(key == k or key.startswith(k + ".") for k in _RESUMABLE_KEYS):
+            continue
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, list) or isinstance(b, list):
+            a, b = tuple(a or ()), tuple(b or ())
+        if a != b:
+            differ.append(f"{key}: checkpoint {before.get(key)!r} vs now {now.get(key)!r}")
+    return differ
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, config, step: int | None = None,
+            shardings: Any = None) -> tuple[Any, int] | tuple[None, None]:
+    """The latest (or given) checkpoint into `abstract_state`'s structure, placed on `shardings`.
+
+    Raises a one-line error if the checkpoint was written by a different model/data config.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None, None
+    saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    differ = config_mismatches(saved_config["config"], config) if config is not None else []
+    if differ:
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} was written with another "
+            f"config ({'; '.join(differ[:3])}); use a new --workdir or the original config.")
+    target = abstract_state
+    if shardings is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+    logging.info("restored checkpoint at step %d from %s", step, manager.directory)
+    return restored["state"], step

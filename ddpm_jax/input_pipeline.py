@@ -1,0 +1,271 @@
+"""Host-side input: TFDS datasets by name, image folders and scikit-learn's bundled digits.
+
+Images leave the host as uint8 NHWC batches; scaling to [-1, 1] and random flips happen on
+device inside the train step, as in the original's `model_fn`, so they are functions of
+(seed, step, example index) and a resumed run sees exactly the data it would have seen.
+
+Two ways to feed a run:
+* in memory (`data.in_memory=True`, the default): the whole split is decoded once into host
+  RAM. The global batch of step s is rows `perm_e[(s mod E)·B : +B]` of the epoch-e permutation
+  `perm_e = permutation(seed, e)`, and each process takes its contiguous slice of that batch.
+  Data order is a pure function of the step; the processes' slices are disjoint and cover it.
+* streaming (`data.in_memory=False`, for LSUN/CelebA-HQ size data): tf.data over this process's
+  part of the TFDS split (`tfds.split_for_jax_process`), shuffled with a seed folded with the
+  start step, repeated and batched with `drop_remainder`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+from absl import logging
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class Dataset(NamedTuple):
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int32 [N]; zeros when the source has none
+    num_classes: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Image preprocessing shared by every source.
+
+
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crops an HWC uint8 image to a square and resizes it to size x size (antialiased)."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    if (height, width) == (size, size):
+        return image
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = image[top:top + side, left:left + side]
+    channels = square.shape[2]
+    pil = Image.fromarray(square[..., 0] if channels == 1 else square)
+    resample = Image.Resampling.BICUBIC if side < size else Image.Resampling.LANCZOS
+    out = np.asarray(pil.resize((size, size), resample=resample))
+    return out.reshape(size, size, channels)
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == channels:
+        return image
+    if channels == 3 and image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if channels == 3 and image.shape[2] == 4:
+        return image[..., :3]
+    if channels == 1:
+        rgb = image[..., :3].astype(np.float64)
+        gray = rgb @ np.array([0.299, 0.587, 0.114])
+        return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
+    raise ValueError(f"cannot convert an image with {image.shape[2]} channels to {channels}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+def load_digits(image_size: int, channels: int) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 0..16 grey levels) as uint8 images."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    digits = sk_load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    images = np.stack([_to_channels(center_crop_resize(im, image_size), channels)
+                       for im in images])
+    return Dataset(images, digits.target.astype(np.int32), 10)
+
+
+def list_image_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
+    """All image files below `folder`, with labels from the first-level subfolder (sorted)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"data.folder={folder!r} is not a directory; "
+                         "set --config.data.folder to a folder of PNG/JPEG images.")
+    paths: list[str] = []
+    for root, _, files in os.walk(folder, followlinks=True):
+        paths.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES))
+    paths.sort()
+    if not paths:
+        raise ValueError(f"data.folder={folder!r} has no images ({', '.join(IMAGE_SUFFIXES)}); "
+                         "point --config.data.folder at a folder that has some.")
+    classes = sorted({os.path.relpath(p, folder).split(os.sep)[0] for p in paths
+                      if os.sep in os.path.relpath(p, folder)})
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index.get(os.path.relpath(p, folder).split(os.sep)[0], 0) for p in paths]
+    return paths, labels, classes
+
+
+def load_image_folder(folder: str, image_size: int, channels: int) -> Dataset:
+    from PIL import Image
+
+    paths, labels, classes = list_image_folder(folder)
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as pil:
+                pil = pil.convert("L" if channels == 1 else "RGB")
+                image = np.asarray(pil)
+        except Exception as e:  # a corrupt file names itself
+            raise ValueError(f"cannot read image {path!r} ({e}); remove or fix it.") from e
+        images.append(_to_channels(center_crop_resize(_to_channels(image, channels), image_size),
+                                   channels))
+    logging.info("image folder %s: %d images, %d classes", folder, len(images), len(classes))
+    return Dataset(np.stack(images), np.asarray(labels, np.int32), max(len(classes), 1))
+
+
+def _tfds_builder(name: str, data_dir: str):
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:
+        raise ValueError(f"unknown dataset data.name={name!r} ({type(e).__name__}); use a TFDS "
+                         "name (e.g. cifar10, mnist), 'digits' or 'imagefolder'.") from e
+    return builder
+
+
+def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: str = "") -> Dataset:
+    """A whole TFDS split in memory (prepares it on first use, like `tfds.load`)."""
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(name, data_dir)
+    builder.download_and_prepare()
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    label_feature = builder.info.features.get("label") if hasattr(builder.info.features, "get") \
+        else None
+    num_classes = getattr(label_feature, "num_classes", 1) or 1
+    images, labels = [], []
+    for example in tfds.as_numpy(ds):
+        image = _to_channels(example["image"], channels)
+        images.append(_to_channels(center_crop_resize(image, image_size), channels))
+        labels.append(int(example.get("label", 0)))
+    if not images:
+        raise ValueError(f"TFDS {name}:{split} is empty; check --config.data.split.")
+    return Dataset(np.stack(images), np.asarray(labels, np.int32), num_classes)
+
+
+def load_dataset(data_config, split: str | None = None) -> Dataset:
+    """The configured split, decoded into host memory."""
+    split = split or data_config.split
+    if data_config.name == "digits":
+        return load_digits(data_config.image_size, data_config.channels)
+    if data_config.name == "imagefolder":
+        return load_image_folder(data_config.folder, data_config.image_size, data_config.channels)
+    return load_tfds(data_config.name, split, data_config.image_size, data_config.channels,
+                     data_config.data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-indexed batches (in memory).
+
+
+def global_batch_indices(num_examples: int, global_batch: int, step: int, seed: int) -> np.ndarray:
+    """Dataset rows of the global batch of `step`: epochs of a seeded permutation, no remainder."""
+    steps_per_epoch = num_examples // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {num_examples} examples, fewer than one batch of "
+                         f"{global_batch}; lower --config.training.batch_size.")
+    epoch, within = divmod(step, steps_per_epoch)
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return permutation[within * global_batch:(within + 1) * global_batch]
+
+
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+    """This process's contiguous rows of a global batch (its devices' part of the `data` mesh)."""
+    per_process = global_batch // process_count
+    return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
+class Batch(NamedTuple):
+    images: np.ndarray  # uint8 [K, B_process, H, W, C]
+    labels: np.ndarray  # int32 [K, B_process]
+
+
+def in_memory_batches(dataset: Dataset, *, global_batch: int, steps_per_call: int,
+                      start_step: int, seed: int, process_index: int = 0,
+                      process_count: int = 1) -> Iterator[Batch]:
+    """Yields this process's rows of `steps_per_call` consecutive global batches from `start_step`."""
+    rows = process_rows(global_batch, process_index, process_count)
+    step = start_step
+    while True:
+        indices = np.stack([
+            global_batch_indices(len(dataset.images), global_batch, step + k, seed)[rows]
+            for k in range(steps_per_call)])
+        yield Batch(dataset.images[indices], dataset.labels[indices])
+        step += steps_per_call
+
+
+def streaming_batches(data_config, *, global_batch: int, steps_per_call: int, start_step: int,
+                      seed: int) -> Iterator[Batch]:
+    """tf.data over this process's part of a TFDS split, for data too large for host RAM."""
+    import jax
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    tf.config.set_visible_devices([], "GPU")
+    builder = _tfds_builder(data_config.name, data_config.data_dir)
+    split = tfds.split_for_jax_process(data_config.split, drop_remainder=True)
+    shuffle_seed = seed * 1_000_003 + start_step  # a fresh, reproducible order after a resume
+    ds = builder.as_dataset(split=split, shuffle_files=True,
+                            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
+    size, channels = data_config.image_size, data_config.channels
+
+    def preprocess(example):
+        image = example["image"]
+        if image.shape[-1] != channels:
+            image = (tf.image.rgb_to_grayscale(image) if channels == 1
+                     else tf.image.grayscale_to_rgb(image))
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        side = tf.minimum(height, width)
+        image = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2,
+                                              side, side)
+        image = tf.image.resize(image, [size, size], method="area", antialias=True)
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        label = tf.cast(example.get("label", 0), tf.int32)
+        return image, label
+
+    local_batch = global_batch // jax.process_count()
+    ds = (ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+          .repeat()
+          .shuffle(data_config.shuffle_buffer, seed=shuffle_seed)
+          .batch(local_batch, drop_remainder=True)
+          .batch(steps_per_call, drop_remainder=True)
+          .prefetch(tf.data.AUTOTUNE))
+    for images, labels in tfds.as_numpy(ds):
+        yield Batch(images, labels)
+
+
+def prefetch(iterator: Iterator, size: int) -> Iterator:
+    """Runs `iterator` in a background thread, keeping `size` items ready."""
+    if size <= 0:
+        yield from iterator
+        return
+    items: queue.Queue = queue.Queue(maxsize=size)
+    sentinel = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as e:  # re-raised in the consumer
+            items.put(e)
+        items.put(sentinel)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = items.get()
+        if item is sentinel:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -1,0 +1,87 @@
+"""Builds the configured UNet and turns it into a pure function of a parameter pytree.
+
+Training, sampling, evaluation and the importers all hold parameters as a plain nested dict of
+arrays (what Orbax saves); `denoise_fn` merges them back into the NNX module under `jit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ddpm_jax import unet
+
+Params = dict[str, Any]
+
+LEARNED_VARIANCES = ("learned", "learned_range")
+
+
+def output_channels(config) -> int:
+    """The model predicts the mean part, plus a variance part for learned variances."""
+    channels = config.data.channels
+    return 2 * channels if config.diffusion.var_type in LEARNED_VARIANCES else channels
+
+
+def create_model(config, seed: int | None = None) -> unet.UNet:
+    """The UNet of `config.model`, initialised like the original (reference §1.2)."""
+    model_config = config.model
+    if config.data.image_size % 2 ** (len(model_config.ch_mult) - 1):
+        raise ValueError(
+            f"data.image_size={config.data.image_size} cannot be halved "
+            f"{len(model_config.ch_mult) - 1} times by model.ch_mult={tuple(model_config.ch_mult)}; "
+            f"use an image size divisible by {2 ** (len(model_config.ch_mult) - 1)}.")
+    if model_config.ch % 32:
+        raise ValueError(f"model.ch={model_config.ch} must be a multiple of 32 (GroupNorm uses "
+                         "32 groups); set --config.model.ch to e.g. 32, 64 or 128.")
+    return unet.UNet(
+        ch=model_config.ch,
+        ch_mult=tuple(model_config.ch_mult),
+        num_res_blocks=model_config.num_res_blocks,
+        attn_resolutions=tuple(model_config.attn_resolutions),
+        dropout=model_config.dropout,
+        resolution=config.data.image_size,
+        in_ch=config.data.channels,
+        out_ch=output_channels(config),
+        num_classes=model_config.num_classes,
+        dtype=jnp.dtype(model_config.dtype),
+        rngs=nnx.Rngs(config.seed if seed is None else seed),
+    )
+
+
+def init_params(config, seed: int | None = None) -> tuple[nnx.GraphDef, Params]:
+    """The module's structure and its freshly initialised parameters as a pure dict."""
+    model = create_model(config, seed)
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_params(config) -> tuple[nnx.GraphDef, Params]:
+    """Structure and parameter shapes without allocating or computing anything."""
+    model = nnx.eval_shape(lambda: create_model(config))
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge(graphdef: nnx.GraphDef, params: Params) -> unet.UNet:
+    state = nnx.State(jax.tree.map(lambda x: nnx.Param(x), params,
+                                   is_leaf=lambda x: not isinstance(x, dict)))
+    return nnx.merge(graphdef, state)
+
+
+def denoise_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array | None = None
+               ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`(x_t, t) -> model output` with dropout off, as used by every sampler and the bound."""
+    model = merge(graphdef, params)
+
+    def apply(x: jax.Array, t: jax.Array) -> jax.Array:
+        return model(x, t, labels)
+
+    return apply
+
+
+def count_params(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

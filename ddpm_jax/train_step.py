@@ -1,0 +1,225 @@
+"""The data-parallel train step: `jax.shard_map` over the `data` mesh inside `jax.jit`.
+
+Each device takes its slice of the global batch and computes its own loss and gradient, like
+one of the original's 8 TPU replicas; gradients are clipped per device (`clip_mode=per_device`,
+the original) or after averaging (`global`), averaged with `lax.pmean`, and every device applies
+the same Adam update and EMA to its replicated copy of the state.
+
+Randomness is never carried in the state: the step's key is `fold_in(seed_key, step)`, and the
+timestep, noise and flip of each example are drawn from `fold_in(step_key, global example
+index)`, so they do not depend on how many devices share the batch; dropout draws from
+`fold_in(step_key, −1 − device index)`. A resumed run therefore continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from ddpm_jax import diffusion, models, optim
+from ddpm_jax.parallel import DATA_AXIS, replicated
+
+NUM_QUARTILES = 4
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer updates done so far
+    params: models.Params
+    ema_params: models.Params
+    opt_state: optax.OptState
+    nonfinite_streak: jax.Array  # int32 scalar: consecutive skipped non-finite updates
+
+
+def init_train_state(config, graphdef: nnx.GraphDef, params: models.Params) -> TrainState:
+    """Step 0: the EMA shadow starts at the initial weights (reference §3.4)."""
+    optimizer = optim.make_optimizer(config.training)
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        nonfinite_streak=jnp.zeros([], jnp.int32),
+    )
+
+
+def create_train_state(config, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState]:
+    """Initialises the state directly on the devices, replicated over the mesh."""
+    graphdef, _ = models.abstract_params(config)
+
+    def init():
+        _, params = models.init_params(config)
+        return init_train_state(config, graphdef, params)
+
+    state = jax.jit(init, out_shardings=replicated(mesh))()
+    return graphdef, state
+
+
+def abstract_train_state(config) -> tuple[nnx.GraphDef, TrainState]:
+    """Shapes and dtypes of the train state, e.g. as an Orbax restore target."""
+    graphdef, _ = models.abstract_params(config)
+
+    def init():
+        _, params = models.init_params(config)
+        return init_train_state(config, graphdef, params)
+
+    return graphdef, jax.eval_shape(init)
+
+
+def scale_images(images_uint8: jax.Array) -> jax.Array:
+    """uint8 0..255 → float32 in [−1, 1] (`normalize_data`: x/127.5 − 1)."""
+    return images_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def per_example_randomness(step_key: jax.Array, first_index: jax.Array, batch: int,
+                           image_shape: tuple[int, ...], num_timesteps: int
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """t ~ U{0..T−1}, ε ~ N(0, I) and a flip bit for each example, keyed by its global index."""
+
+    def one(index):
+        t_key, noise_key, flip_key = jax.random.split(jax.random.fold_in(step_key, index), 3)
+        t = jax.random.randint(t_key, [], 0, num_timesteps, dtype=jnp.int32)
+        noise = jax.random.normal(noise_key, image_shape, jnp.float32)
+        flip = jax.random.bernoulli(flip_key, 0.5)
+        return t, noise, flip
+
+    return jax.vmap(one)(first_index + jnp.arange(batch))
+
+
+def random_flip(images: jax.Array, flip: jax.Array) -> jax.Array:
+    """Mirrors the images whose flip bit is set (`tf.image.random_flip_left_right`)."""
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable:
+    """(params, x_start, labels, t, noise, dropout_key) → (mean loss, per-example losses)."""
+    schedule = diffusion.schedule_from_config(config.diffusion)
+    dc = config.diffusion
+    conditional = config.model.num_classes > 0
+
+    def loss_fn(params, x_start, labels, t, noise, dropout_key):
+        x_t = diffusion.q_sample(schedule, x_start, t, noise)
+        model = models.merge(graphdef, params)
+        output = model(x_t, t, labels if conditional else None,
+                       dropout_key=dropout_key if config.model.dropout > 0 else None)
+        losses = diffusion.training_losses(
+            schedule, output.astype(jnp.float32), x_start, x_t, t, noise,
+            mean_type=dc.mean_type, var_type=dc.var_type, loss_type=dc.loss_type)
+        return losses.mean(), losses
+
+    return loss_fn
+
+
+def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
+    """One optimizer step as seen by one device of the mesh (call under `shard_map`)."""
+    tc = config.training
+    optimizer = optim.make_optimizer(tc)
+    learning_rate = optim.warmup_learning_rate(tc.lr, tc.warmup_steps)
+    loss_fn = make_loss_fn(graphdef, config)
+    num_timesteps = config.diffusion.num_timesteps
+    if tc.clip_mode not in ("per_device", "global"):
+        raise ValueError(f"training.clip_mode={tc.clip_mode!r} is unknown; "
+                         "use 'per_device' or 'global'.")
+
+    def device_step(state: TrainState, images: jax.Array, labels: jax.Array,
+                    seed_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        device = lax.axis_index(DATA_AXIS)
+        local_batch = images.shape[0]
+        step_key = jax.random.fold_in(seed_key, state.step)
+        t, noise, flip = per_example_randomness(
+            step_key, device * local_batch, local_batch, images.shape[1:], num_timesteps)
+        x_start = scale_images(images)
+        if config.data.random_flip:
+            x_start = random_flip(x_start, flip)
+        dropout_key = jax.random.fold_in(step_key, -1 - device)
+
+        # Differentiate w.r.t. a device-varying copy of the replicated params, so each device
+        # gets its own gradient (shard_map would otherwise psum the gradient of an invariant).
+        params = lax.pcast(state.params, DATA_AXIS, to="varying")
+        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, x_start, labels, t, noise, dropout_key)
+        if tc.clip_mode == "per_device":
+            grads, grad_norm = optim.clip_by_global_norm(grads, tc.grad_clip)
+            grads = lax.pmean(grads, DATA_AXIS)
+            grad_norm = lax.pmean(grad_norm, DATA_AXIS)
+        else:
+            grads = lax.pmean(grads, DATA_AXIS)
+            grads, grad_norm = optim.clip_by_global_norm(grads, tc.grad_clip)
+        loss = lax.pmean(loss, DATA_AXIS)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = optim.ema_update(state.ema_params, params, tc.ema_decay)
+
+        # A non-finite loss or gradient anywhere skips the update on every device alike.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            ema_params=keep(ema_params, state.ema_params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        )
+
+        quartile = t * NUM_QUARTILES // num_timesteps
+        in_quartile = (quartile[:, None] == jnp.arange(NUM_QUARTILES)).astype(jnp.float32)
+        quartile_sums = lax.psum(jnp.sum(losses[:, None] * in_quartile, 0), DATA_AXIS)
+        quartile_counts = lax.psum(jnp.sum(in_quartile, 0), DATA_AXIS)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate(state.step),
+            "skipped_nonfinite": 1.0 - finite.astype(jnp.float32),
+            "quartile_loss_sum": quartile_sums,
+            "quartile_count": quartile_counts,
+        }
+        return new_state, metrics
+
+    return device_step
+
+
+def make_train_step(graphdef: nnx.GraphDef, config, mesh: Mesh) -> Callable:
+    """jit(shard_map(scan of `steps_per_call` device steps)); donates the state.
+
+    Call as `state, metrics = step(state, images, labels, seed_key)` with uint8 images
+    [K, B, H, W, C] and labels [K, B] sharded over `data` on axis 1; metrics are stacked [K].
+    """
+    device_step = make_device_step(graphdef, config)
+
+    def device_steps(state, images, labels, seed_key):
+        def body(state, batch):
+            return device_step(state, batch[0], batch[1], seed_key)
+
+        return lax.scan(body, state, (images, labels))
+
+    sharded = jax.shard_map(
+        device_steps, mesh=mesh,
+        in_specs=(P(), P(None, DATA_AXIS), P(None, DATA_AXIS), P()),
+        out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def summarize_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Host-side means over the K steps of one call; loss per timestep quartile."""
+    import numpy as np
+
+    metrics = jax.device_get(metrics)
+    sums = np.sum(metrics["quartile_loss_sum"], axis=0)
+    counts = np.sum(metrics["quartile_count"], axis=0)
+    out = {
+        "loss": float(np.mean(metrics["loss"])),
+        "grad_norm": float(np.mean(metrics["grad_norm"])),
+        "learning_rate": float(metrics["learning_rate"][-1]),
+        "skipped_nonfinite": float(np.sum(metrics["skipped_nonfinite"])),
+    }
+    for q in range(NUM_QUARTILES):
+        if counts[q] > 0:
+            out[f"loss_q{q}"] = float(sums[q] / counts[q])
+    return out
