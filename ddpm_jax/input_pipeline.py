@@ -141,9 +141,8 @@ def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: s
     builder = _tfds_builder(name, data_dir)
     builder.download_and_prepare()
     ds = builder.as_dataset(split=split, shuffle_files=False)
-    label_feature = builder.info.features.get("label") if hasattr(builder.info.features, "get") \
-        else None
-    num_classes = getattr(label_feature, "num_classes", 1) or 1
+    features = builder.info.features
+    num_classes = getattr(features["label"], "num_classes", 1) if "label" in features else 1
     images, labels = [], []
     for example in tfds.as_numpy(ds):
         image = _to_channels(example["image"], channels)

@@ -1,0 +1,121 @@
+"""The sharded train step against explicit single-device references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ddpm_jax import optim, parallel, train_step
+from helpers import tiny_config
+
+
+def _batch(config, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    size, channels, batch = config.data.image_size, config.data.channels, config.training.batch_size
+    images = rng.integers(0, 256, (steps, batch, size, size, channels), dtype=np.uint8)
+    labels = np.zeros((steps, batch), np.int32)
+    return images, labels
+
+
+def _run(config, mesh, images, labels, state=None):
+    graphdef, fresh = train_step.create_train_state(config, mesh)
+    state = fresh if state is None else state
+    step = train_step.make_train_step(graphdef, config, mesh)
+    state, metrics = step(state, parallel.to_global_array(images, mesh, 1),
+                          parallel.to_global_array(labels, mesh, 1), jax.random.key(config.seed))
+    return graphdef, jax.device_get(state), jax.device_get(metrics)
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def clipping_config():
+    config = tiny_config()
+    config.training.grad_clip = 0.05  # small enough that every shard's gradient is clipped
+    config.training.lr = 1e-2
+    return config
+
+
+def test_global_clipping_on_8_devices_equals_1_device(clipping_config):
+    config = clipping_config.copy_and_resolve_references()
+    config.training.clip_mode = "global"
+    images, labels = _batch(config, 1)
+    assert jax.device_count() == 8
+    _, state8, metrics8 = _run(config, parallel.make_mesh(), images, labels)
+    _, state1, metrics1 = _run(config, parallel.make_mesh(jax.devices()[:1]), images, labels)
+    assert _max_diff(state8.params, state1.params) <= 1e-5
+    assert _max_diff(state8.ema_params, state1.ema_params) <= 1e-5
+    assert float(metrics8["loss"][0]) == pytest.approx(float(metrics1["loss"][0]), rel=1e-5)
+
+
+def test_per_device_clipping_equals_clipping_each_shard_then_averaging(clipping_config):
+    config = clipping_config.copy_and_resolve_references()
+    config.training.clip_mode = "per_device"
+    mesh = parallel.make_mesh()
+    images, labels = _batch(config, 1)
+    graphdef, state, _ = _run(config, mesh, images, labels)
+
+    # Reference: 8 shards of 2 examples, each shard's gradient clipped to 0.05, then averaged.
+    _, initial = train_step.create_train_state(config, parallel.make_mesh(jax.devices()[:1]))
+    initial = jax.device_get(initial)
+    loss_fn = train_step.make_loss_fn(graphdef, config)
+    step_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    per_shard, shards = 2, 8
+    clipped = []
+    for shard in range(shards):
+        rows = slice(shard * per_shard, (shard + 1) * per_shard)
+        t, noise, flip = train_step.per_example_randomness(
+            step_key, jnp.int32(shard * per_shard), per_shard, images.shape[2:],
+            config.diffusion.num_timesteps)
+        x = train_step.random_flip(train_step.scale_images(jnp.asarray(images[0, rows])), flip)
+        grads = jax.grad(lambda p: loss_fn(p, x, None, t, noise, None)[0])(initial.params)
+        norm = optax.global_norm(grads)
+        assert float(norm) > 0.05  # the clip is active for every shard
+        clipped.append(jax.tree.map(lambda g: g * 0.05 / norm, grads))
+    mean_grad = jax.tree.map(lambda *g: sum(g) / shards, *clipped)
+    optimizer = optim.make_optimizer(config.training)
+    updates, _ = optimizer.update(mean_grad, optimizer.init(initial.params), initial.params)
+    expected = optax.apply_updates(initial.params, updates)
+    assert _max_diff(state.params, expected) <= 1e-5
+
+    # And it is not what clipping the averaged gradient gives.
+    config.training.clip_mode = "global"
+    _, global_state, _ = _run(config, mesh, images, labels)
+    assert _max_diff(state.params, global_state.params) > 1e-4
+
+
+def test_steps_per_call_scan_equals_separate_calls():
+    config = tiny_config()
+    config.training.dropout = 0.0
+    mesh = parallel.make_mesh()
+    images, labels = _batch(config, 3, seed=1)
+    config.training.steps_per_call = 3
+    _, scanned, metrics = _run(config, mesh, images, labels)
+    assert metrics["loss"].shape == (3,)
+    config.training.steps_per_call = 1
+    graphdef, state = train_step.create_train_state(config, mesh)
+    step = train_step.make_train_step(graphdef, config, mesh)
+    for k in range(3):
+        state, _ = step(state, parallel.to_global_array(images[k:k + 1], mesh, 1),
+                        parallel.to_global_array(labels[k:k + 1], mesh, 1),
+                        jax.random.key(config.seed))
+    assert int(scanned.step) == 3 == int(state.step)
+    assert _max_diff(scanned.params, jax.device_get(state.params)) <= 1e-6
+
+
+def test_ema_starts_at_initial_weights_and_follows_updates():
+    config = tiny_config()
+    mesh = parallel.make_mesh()
+    _, initial = train_step.create_train_state(config, mesh)
+    initial = jax.device_get(initial)
+    assert _max_diff(initial.ema_params, initial.params) == 0.0
+    images, labels = _batch(config, 1)
+    _, state, _ = _run(config, mesh, images, labels)
+    decay = config.training.ema_decay
+    expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                            initial.ema_params, state.params)
+    assert _max_diff(state.ema_params, expected) <= 1e-6
