@@ -1,0 +1,179 @@
+"""A Python API for notebooks: `ddpm_jax.load(workdir)` → the config, EMA weights, a jitted
+denoiser and a sampler.
+
+    import jax, ddpm_jax
+    pipe = ddpm_jax.load("runs/cifar10_released")      # a workdir, or workdir/checkpoints/<step>
+    eps = pipe.denoise(x_t, t)                          # NHWC floats in [-1, 1], integer t
+    images = pipe.sample(16, jax.random.key(0))         # uint8 [16, 32, 32, 3]
+    fast = pipe.sample(16, 0, method="ddim", ddim_steps=50, output="float")
+
+The weights are those `--mode=sample` and `--mode=eval` use (the checkpoint's EMA), and
+`sample` keys its calls like `sampling.generate`, so the same key on the same device count
+gives the same images as `--mode=sample` with that batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ddpm_jax import images, models, parallel, sampling
+
+OUTPUTS = ("uint8", "float")
+
+
+def _tuples(value: Any) -> Any:
+    """JSON turns the config's tuples into lists; restore them (as `configs/*.py` write them)."""
+    if isinstance(value, dict):
+        return {key: _tuples(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def resolve_checkpoint_path(path: str) -> tuple[str, int | None]:
+    """(workdir, step or None for the latest) for a workdir or a `workdir/checkpoints/<step>`."""
+    path = os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+    parent, name = os.path.split(path)
+    if re.fullmatch(r"\d+", name) and os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent), int(name)
+    if name == "checkpoints":
+        return parent, None
+    return path, None
+
+
+def saved_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config stored next to the state in the latest (or given) checkpoint of `workdir`."""
+    import orbax.checkpoint as ocp
+
+    from ddpm_jax import checkpointing
+
+    directory = checkpointing.checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no checkpoints in {directory}; pass a workdir written by training or by "
+            "`python -m ddpm_jax.convert`, or a workdir/checkpoints/<step> directory")
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory}; "
+                                f"available steps: {list(manager.all_steps())}")
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(_tuples(restored["config"]))
+
+
+class Pipeline:
+    """A loaded model: `config`, EMA `params` (replicated over `mesh`), `step`, `denoise` and
+    `sample`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                 params: models.Params, step: int, mesh: Mesh):
+        self.config = config
+        self.graphdef = graphdef
+        self.params = params
+        self.step = step
+        self.mesh = mesh
+        self._apply = jax.jit(lambda p, x, t: models.denoise_fn(graphdef, p)(x, t))
+        self._sample_fns: dict[tuple, Any] = {}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        data = self.config.data
+        return (data.image_size, data.image_size, data.channels)
+
+    def denoise(self, x: Any, t: Any) -> jax.Array:
+        """The model output for x_t: ε_θ(x_t, t) for the paper's eps models (dropout off).
+
+        x: [B, H, W, C] floats in [-1, 1] (NHWC); t: an integer or [B] integers in 0..T-1.
+        For learned variances the output has 2C channels (ε, then the variance part). A batch
+        divisible by the number of devices is split over them, otherwise every device runs it.
+        """
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            expected = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"denoise expects x of shape [batch, {expected}] (NHWC), "
+                             f"got {tuple(x.shape)}")
+        t = jnp.asarray(t)
+        if not jnp.issubdtype(t.dtype, jnp.integer):
+            raise ValueError(f"denoise expects integer timesteps, got dtype {t.dtype}")
+        t = jnp.broadcast_to(t.astype(jnp.int32), x.shape[:1])
+        num_devices = self.mesh.devices.size
+        sharding = (parallel.data_sharding(self.mesh) if x.shape[0] % num_devices == 0
+                    else parallel.replicated(self.mesh))
+        x, t = jax.device_put((x, t), sharding)
+        return self._apply(self.params, x, t)
+
+    def _sample_config(self, method: str | None, overrides: dict[str, Any]
+                       ) -> ml_collections.ConfigDict:
+        config = ml_collections.ConfigDict(self.config.to_dict())
+        unknown = sorted(set(overrides) - set(config.sample.keys()))
+        if unknown:
+            raise ValueError(f"sample() got unknown option(s) {unknown}; use fields of "
+                             f"config.sample: {sorted(config.sample.keys())}")
+        config.sample.update(overrides)
+        if method is not None:
+            config.sample.method = method
+        return config
+
+    def sample(self, n: int, key: jax.Array | int = 0, *, method: str | None = None,
+               batch_size: int | None = None, output: str = "uint8", **overrides: Any
+               ) -> np.ndarray:
+        """n samples [n, H, W, C] from the EMA model, as uint8 (rounded) or floats in [-1, 1].
+
+        method: 'ancestral' (the paper's 1000 steps) or 'ddim'; default `config.sample.method`.
+        overrides: fields of `config.sample`, e.g. ddim_steps=50, ddim_eta=0.0, clip_denoised.
+        The batch per call is `batch_size` or min(n, config.sample.batch_size), rounded up to a
+        multiple of the device count; compiled samplers are cached per setting.
+        """
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r} is unknown; use one of {OUTPUTS}")
+        if n < 1:
+            raise ValueError(f"n={n}: ask for at least one sample")
+        config = self._sample_config(method, overrides)
+        num_devices = self.mesh.devices.size
+        batch_size = batch_size or min(n, config.sample.batch_size)
+        batch_size = -(-batch_size // num_devices) * num_devices
+        cache_key = (batch_size, config.sample.to_json())
+        if cache_key not in self._sample_fns:
+            self._sample_fns[cache_key] = sampling.make_sample_fn(
+                self.graphdef, config, self.mesh, batch_size)
+        sample_fn = self._sample_fns[cache_key]
+
+        key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+        parts = []
+        for call in range(-(-n // batch_size)):  # the keying of `sampling.generate`
+            parts.append(sampling.to_host(sample_fn(self.params, jax.random.fold_in(key, call))))
+        samples = np.concatenate(parts)[:n]
+        return images.to_uint8(samples) if output == "uint8" else samples
+
+    def __repr__(self) -> str:
+        m = self.config.model
+        return (f"Pipeline(step={self.step}, image_shape={self.image_shape}, ch={m.ch}, "
+                f"ch_mult={tuple(m.ch_mult)}, T={self.config.diffusion.num_timesteps}, "
+                f"devices={self.mesh.devices.size})")
+
+
+def load(path: str, config: ml_collections.ConfigDict | None = None, *,
+         devices: Sequence[jax.Device] | None = None) -> Pipeline:
+    """Load the EMA weights of a checkpoint for use in Python.
+
+    path: a workdir (its latest checkpoint) or `workdir/checkpoints/<step>`.
+    config: default the config saved with the checkpoint; one passed here must describe the same
+      model (checked like a resumed run).
+    devices: the devices to use (default: this process's); samples and batches are split over them.
+    """
+    workdir, step = resolve_checkpoint_path(path)
+    if config is None:
+        config = saved_config(workdir, step)
+    mesh = parallel.make_mesh(list(devices) if devices is not None else jax.local_devices())
+    graphdef, params, step = sampling.load_ema_params(config, workdir, mesh, checkpoint=step)
+    return Pipeline(config, graphdef, params, step, mesh)
