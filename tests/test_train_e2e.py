@@ -1,0 +1,190 @@
+"""End to end on 8 simulated devices: train → checkpoint → resume → sample, and exact resumes
+after a clean stop, SIGTERM and kill -9."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_jax import checkpointing, main, train_step
+from helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _final_state(workdir, config, step=None):
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    _, abstract = train_step.abstract_train_state(config)
+    state, restored_step = checkpointing.restore(manager, abstract, config, step=step)
+    return jax.device_get(state), restored_step
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _event_tags(workdir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return set(tags.get("tensors", [])) | set(tags.get("scalars", [])) | set(tags.get("images", []))
+
+
+def test_mock_cifar10_train_resume_sample(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = tiny_config()
+    config.data.name = "cifar10"
+    config.data.image_size = 32
+    config.data.channels = 3
+    config.model.attn_resolutions = (16,)
+    config.training.num_steps = 4
+    config.training.sample_every = 4
+    workdir = str(tmp_path / "run")
+    with tfds.testing.mock_data(num_examples=64):
+        main.run("train", config, workdir)
+        assert sorted(int(os.path.basename(p)) for p in
+                      glob.glob(os.path.join(workdir, "checkpoints", "*"))) == [2, 4]
+        config.training.num_steps = 6
+        main.run("train", config, workdir)
+    state, step = _final_state(workdir, config)
+    assert step == 6 and int(state.step) == 6
+
+    tags = _event_tags(workdir)
+    assert {"loss", "grad_norm", "learning_rate", "param_norm", "loss_q0", "samples"} <= tags
+    grid = Image.open(os.path.join(workdir, "samples", "step_00000004.png"))
+    assert grid.size[0] >= 32 * 4
+
+    main.run("sample", config, workdir)
+    (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000006_seed0"))
+    samples = np.load(os.path.join(out_dir, "samples.npz"))["images"]
+    assert samples.shape == (16, 32, 32, 3) and samples.dtype == np.uint8
+    assert samples.std() > 10  # not a constant image
+    for name in ("grid.png", "progress.png", "progress.gif"):
+        assert os.path.getsize(os.path.join(out_dir, name)) > 0
+    # T = 20 with x0 kept every 5 steps: a strip of 4 columns per image row.
+    assert Image.open(os.path.join(out_dir, "progress.png")).size[0] > 4 * 32
+
+
+def test_resume_continues_exactly(tmp_path):
+    config = tiny_config()
+    config.data.random_flip = True
+    config.model.dropout = 0.1  # dropout keys are functions of the step too
+    config.training.num_steps = 4
+    main.run("train", config, str(tmp_path / "straight"))
+    config.training.num_steps = 2
+    main.run("train", config, str(tmp_path / "resumed"))
+    config.training.num_steps = 4
+    main.run("train", config, str(tmp_path / "resumed"))
+    straight, _ = _final_state(str(tmp_path / "straight"), config)
+    resumed, step = _final_state(str(tmp_path / "resumed"), config)
+    assert step == 4
+    assert _max_diff(straight.params, resumed.params) <= 1e-6
+    assert _max_diff(straight.ema_params, resumed.ema_params) <= 1e-6
+    assert _max_diff(straight.opt_state, resumed.opt_state) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, stopped by signals.
+
+CLI_OVERRIDES = [
+    "--config.model.ch=32", "--config.model.num_res_blocks=1", "--config.model.dropout=0",
+    "--config.diffusion.num_timesteps=20", "--config.training.batch_size=16",
+    "--config.training.steps_per_call=1", "--config.training.log_every=1",
+    "--config.training.sample_every=0", "--config.training.keep_checkpoints=10",
+]
+
+
+def _cli(workdir, num_steps, checkpoint_every):
+    return [sys.executable, "-m", "ddpm_jax.main", "--config", os.path.join(REPO, "configs/digits.py"),
+            "--workdir", workdir, f"--config.training.num_steps={num_steps}",
+            f"--config.training.checkpoint_every={checkpoint_every}", *CLI_OVERRIDES]
+
+
+def _cli_config(num_steps, checkpoint_every):
+    from configs import digits
+
+    config = digits.get_config()
+    config.model.ch, config.model.num_res_blocks, config.model.dropout = 32, 1, 0.0
+    config.diffusion.num_timesteps = 20
+    tc = config.training
+    tc.batch_size, tc.steps_per_call, tc.log_every, tc.sample_every = 16, 1, 1, 0
+    tc.keep_checkpoints, tc.num_steps, tc.checkpoint_every = 10, num_steps, checkpoint_every
+    return config
+
+
+def _wait_for(predicate, process, timeout=300):
+    start = time.time()
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"process ended early: {process.stderr.read()[-2000:]}")
+        if time.time() - start > timeout:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    result = subprocess.run(_cli(workdir, 12, 100), cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _final_state(workdir, _cli_config(12, 100))[0]
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
+    workdir = str(tmp_path / "run")
+    process = subprocess.Popen(_cli(workdir, 12, 100), cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    # Stop it mid-run, once a few steps have been trained (the log writes each step).
+    events = os.path.join(workdir, "checkpoints")
+    _wait_for(lambda: os.path.isdir(events) and
+              any(f.startswith("events") for f in os.listdir(workdir)), process)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "Stopped by SIGTERM" in out
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    stopped_at = manager.latest_step()
+    assert stopped_at is not None and 0 < stopped_at < 12
+
+    result = subprocess.run(_cli(workdir, 12, 100), cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step {stopped_at}" in result.stderr
+    resumed, step = _final_state(workdir, _cli_config(12, 100))
+    assert step == 12
+    assert _max_diff(resumed.params, uninterrupted.params) <= 1e-6
+    assert _max_diff(resumed.ema_params, uninterrupted.ema_params) <= 1e-6
+
+
+def test_kill_9_resumes_from_last_checkpoint(tmp_path, uninterrupted):
+    workdir = str(tmp_path / "run")
+    process = subprocess.Popen(_cli(workdir, 12, 4), cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    checkpoint_4 = os.path.join(workdir, "checkpoints", "4", "commit_success.txt")
+    _wait_for(lambda: os.path.exists(checkpoint_4), process)
+    process.kill()
+    process.communicate(timeout=60)
+    last = checkpointing.make_manager(workdir, read_only=True).latest_step()
+    assert last in (4, 8)
+
+    result = subprocess.run(_cli(workdir, 12, 4), cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step {last}" in result.stderr
+    resumed, step = _final_state(workdir, _cli_config(12, 4))
+    assert step == 12
+    assert _max_diff(resumed.params, uninterrupted.params) <= 1e-6
