@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import numpy as np
 
@@ -35,15 +36,33 @@ def upscale(image: np.ndarray, min_side: int = 256) -> np.ndarray:
     return image.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
-def _atomic_write(path: str, write) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+def atomic_write(path: str, write) -> None:
+    """Writes via a local temporary file; local targets are replaced atomically, remote ones
+    (gs://, through etils.epath like Orbax and TFDS) are uploaded in one object write."""
+    from etils import epath
+
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    local = "://" not in str(path)
+    tmp = f"{path}.tmp-{os.getpid()}" if local else os.path.join(
+        tempfile.mkdtemp(), os.path.basename(str(path)))
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if local:
+            os.replace(tmp, path)
+        else:
+            target.write_bytes(open(tmp, "rb").read())
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
@@ -51,14 +70,14 @@ def save_png(path: str, image: np.ndarray) -> None:
 
     image = np.asarray(image)
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    _atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def save_gif(path: str, frames: list[np.ndarray], duration_ms: int = 100) -> None:
     from PIL import Image
 
     pils = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
-    _atomic_write(path, lambda tmp: pils[0].save(
+    atomic_write(path, lambda tmp: pils[0].save(
         tmp, format="GIF", save_all=True, append_images=pils[1:], duration=duration_ms, loop=0))
 
 
