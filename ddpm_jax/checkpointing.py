@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -17,6 +18,10 @@ from absl import logging
 # Config keys that may change between a run and its resumption without changing the model.
 _RESUMABLE_KEYS = ("training", "sample", "eval", "data.prefetch", "data.data_dir",
                    "data.shuffle_buffer", "data.in_memory", "model.dtype")
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir's checkpoints belong to a run with another model or data config."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -73,15 +78,49 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, config, step: i
             shardings: Any = None) -> tuple[Any, int] | tuple[None, None]:
     """The latest (or given) checkpoint into `abstract_state`'s structure, placed on `shardings`.
 
-    Raises a one-line error if the checkpoint was written by a different model/data config.
+    A latest checkpoint that cannot be read (partial or corrupt files) is skipped with a warning
+    in favour of the one before it. Raises a one-line error if the checkpoint was written by a
+    different model/data config.
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        return None, None
+    if step is not None:
+        return _restore_step(manager, abstract_state, config, step, shardings), step
+    for candidate in sorted(manager.all_steps(), reverse=True):
+        try:
+            return _restore_step(manager, abstract_state, config, candidate, shardings), candidate
+        except ConfigMismatchError:
+            raise
+        except Exception as e:  # unreadable: fall back to the previous checkpoint
+            kept = _set_aside(manager, candidate)
+            logging.warning("checkpoint at step %d in %s cannot be read (%s: %s); falling back "
+                            "to the previous one%s", candidate, manager.directory,
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+                            f" (moved to {kept})" if kept else "")
+    return None, None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str | None:
+    """Moves an unreadable local checkpoint out of the way (kept, never deleted), so the run
+    can write that step again."""
+    source = os.path.join(str(manager.directory), str(step))
+    if "://" in source or not os.path.isdir(source) or _is_read_only(manager):
+        return None
+    destination = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_unreadable",
+                               f"{step}-{int(time.time())}")
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    os.rename(source, destination)
+    manager.reload()
+    return destination
+
+
+def _is_read_only(manager: ocp.CheckpointManager) -> bool:
+    return bool(getattr(getattr(manager, "_options", None), "read_only", False))
+
+
+def _restore_step(manager, abstract_state, config, step, shardings):
     saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     differ = config_mismatches(saved_config["config"], config) if config is not None else []
     if differ:
-        raise ValueError(
+        raise ConfigMismatchError(
             f"the checkpoint at step {step} in {manager.directory} was written with another "
             f"config ({'; '.join(differ[:3])}); use a new --workdir or the original config.")
     target = abstract_state
@@ -91,4 +130,4 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, config, step: i
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
     logging.info("restored checkpoint at step %d from %s", step, manager.directory)
-    return restored["state"], step
+    return restored["state"]

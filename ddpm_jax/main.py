@@ -55,9 +55,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/digits.py")
     logging.set_verbosity(logging.INFO)
+    from ddpm_jax.train import NonFiniteError
+
     try:
         run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, NonFiniteError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         logging.debug("failed", exc_info=True)
         print(f"error: {message}", file=sys.stderr)

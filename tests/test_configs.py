@@ -45,7 +45,7 @@ def test_256px_configs(name, steps, flip):
     assert info.model_info(c, flops=False)["num_params"] == 113_673_219
 
 
-@pytest.mark.parametrize("name", ["default", "cifar10", "digits", "celebahq256", "lsun_bedroom",
+@pytest.mark.parametrize("name", ["default", "cifar10", "digits", "imagefolder", "mnist", "fashion_mnist", "celebahq256", "lsun_bedroom",
                                   "lsun_church", "lsun_cat"])
 def test_every_config_builds_its_model(name):
     c = _config(name)

@@ -1,0 +1,58 @@
+"""Faults during training: an unreadable latest checkpoint and non-finite updates."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpointing, main, train, train_step
+from helpers import tiny_config
+
+
+def _restore(workdir, config, step):
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    _, abstract = train_step.abstract_train_state(config)
+    return jax.device_get(checkpointing.restore(manager, abstract, config, step=step)[0])
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    config = tiny_config()
+    workdir = str(tmp_path)
+    main.run("train", config, workdir)  # checkpoints at 2 and 4
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "4", "state", "*")):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"\0garbage")
+    config.training.num_steps = 6
+    main.run("train", config, workdir)
+    # The damaged checkpoint is kept aside, not deleted; the run resumed from 2 and went on.
+    assert glob.glob(os.path.join(workdir, "checkpoints_unreadable", "4-*"))
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    assert sorted(manager.all_steps()) == [2, 4, 6]
+    state = _restore(workdir, config, 6)
+    assert int(state.step) == 6
+
+
+def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.training.num_steps = 2
+    workdir = str(tmp_path)
+    main.run("train", config, workdir)
+    good = _restore(workdir, config, 2)
+
+    # From now on every batch is NaN: updates must be skipped and never saved as NaN.
+    monkeypatch.setattr(train_step, "scale_images", lambda images: images * np.nan)
+    config.training.num_steps = 10
+    config.training.checkpoint_every = 1
+    config.training.max_nonfinite = 3
+    with pytest.raises(train.NonFiniteError, match="3 consecutive updates"):
+        main.run("train", config, workdir)
+    for step in checkpointing.make_manager(workdir, read_only=True).all_steps():
+        state = _restore(workdir, config, step)
+        leaves = jax.tree.leaves((state.params, state.ema_params, state.opt_state))
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+        if step > 2:  # skipped updates leave the weights as they were
+            assert all(np.array_equal(a, b) for a, b in
+                       zip(jax.tree.leaves(state.params), jax.tree.leaves(good.params)))
