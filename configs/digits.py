@@ -13,9 +13,10 @@ def get_config():
     config.data.image_size = 8
     config.data.channels = 1
     config.data.random_flip = False  # digits are not mirror-symmetric
-    config.model.ch = 64
+    config.data.eval_split = ""  # scikit-learn's digits have no test split
+    config.model.ch = 32
     config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 1
+    config.model.num_res_blocks = 2
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0
     config.training.batch_size = 64

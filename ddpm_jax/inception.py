@@ -489,7 +489,7 @@ def _download_weights(destination: Path) -> None:
         os.replace(tmp, destination)
     except Exception as error:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"Could not download the FID Inception weights from {WEIGHTS_URL} ({error}). "
             f"Download the file yourself and pass {WEIGHTS_CONFIG_HINT}"
         ) from error

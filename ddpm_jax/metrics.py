@@ -152,7 +152,9 @@ def inception_score(
         part = slice(i * n // num_splits, (i + 1) * n // num_splits)
         p_yx, log_p_yx = probs[part], log_probs[part]
         with np.errstate(divide="ignore", invalid="ignore"):
-            log_p_y = np.log(p_yx.mean(axis=0))
+            # log p(y) from the log-probabilities, so it cannot underflow to -inf while some
+            # p(y|x) is a positive denormal.
+            log_p_y = scipy.special.logsumexp(log_p_yx, axis=0) - np.log(len(p_yx))
             # Terms with p(y|x) = 0 contribute 0 (p(y) = 0 only where every p(y|x) = 0).
             kl = np.where(p_yx > 0, p_yx * (log_p_yx - log_p_y), 0.0).sum(axis=1)
         scores.append(np.exp(kl.mean()))
