@@ -1,18 +1,9 @@
-"""Fashion-MNIST from TFDS: 28x28 grey images resized to 32x32, a CIFAR-sized model at half width."""
+"""Fashion-MNIST from TFDS: the MNIST setup (28x28 grey resized to 32x32) on clothing images."""
 
-from configs import default
+from configs import mnist
 
 
 def get_config():
-    config = default.get_config()
+    config = mnist.get_config()
     config.data.name = "fashion_mnist"
-    config.data.image_size = 32
-    config.data.channels = 1
-    config.data.random_flip = False
-    config.model.ch = 64
-    config.model.ch_mult = (1, 2, 2)
-    config.model.dropout = 0.1
-    config.training.num_steps = 50_000
-    config.training.sample_every = 5000
-    config.training.checkpoint_every = 5000
     return config

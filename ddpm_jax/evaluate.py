@@ -46,7 +46,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ddpm_jax import diffusion, metrics, parallel
+from ddpm_jax import diffusion, files, metrics, parallel
 from ddpm_jax.parallel import DATA_AXIS
 
 Params = Any
@@ -60,30 +60,6 @@ BPD_TRAIN_KEY_TAG = 2
 
 # ---------------------------------------------------------------------------------------------
 # Small host helpers.
-
-
-def _atomic_savez(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _same_on_all_processes(value: int) -> int:
@@ -288,7 +264,7 @@ def finished_parts(out_dir: str, sizes: Sequence[int]) -> int:
 
 def save_part(out_dir: str, part: int, images_uint8: np.ndarray,
               outputs: Mapping[str, np.ndarray]) -> None:
-    _atomic_savez(part_path(out_dir, part), {
+    files.save_npz(part_path(out_dir, part), **{
         "images": images_uint8,
         "pool": np.asarray(outputs["pool"], np.float32),
         "logits_unbiased": np.asarray(outputs["logits_unbiased"], np.float32)})
@@ -314,7 +290,7 @@ def check_meta(out_dir: str, meta: Mapping[str, Any]) -> None:
                              f"({'; '.join(differ)}); delete that folder or restore the settings.")
         return
     if jax.process_index() == 0:
-        _atomic_write_json(path, dict(meta))
+        files.save_json(path, dict(meta))
 
 
 def sample_meta(config, step: int, num_devices: int, fingerprint: str) -> dict[str, Any]:
@@ -453,7 +429,7 @@ def evaluate_bpd(bpd_fn: Callable, params: Params, images_uint8: np.ndarray, bat
                       "terms_bpd_sum": out["terms_bpd"].sum(axis=0),
                       "mse_sum": out["mse"].sum(axis=0)}
             if path and jax.process_index() == 0:
-                _atomic_savez(path, result)
+                files.save_npz(path, **result)
         for name in per_image:
             per_image[name].append(result[name])
         for name in ("terms_bpd_sum", "mse_sum"):
@@ -529,7 +505,7 @@ def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str
                               out_dir, split)
         results[name] = {**summarize_bpd(result), "split": split}
         if jax.process_index() == 0:
-            _atomic_savez(os.path.join(eval_dir, f"{step}_bpd_{name}.npz"), result)
+            files.save_npz(os.path.join(eval_dir, f"{step}_bpd_{name}.npz"), **result)
         logging.info("bits/dim %s (%s): %.4f (prior %.2e, decoder %.4f)", name, split,
                      results[name]["total"], results[name]["prior"], results[name]["decoder"])
     return results
@@ -596,7 +572,7 @@ def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
     writer.close()
     if jax.process_index() == 0:
         path = os.path.join(eval_dir, f"{step}.json")
-        _atomic_write_json(path, results)
+        files.save_json(path, results)
         summary = ", ".join(f"{key.removeprefix('eval/')} {value:.4g}"
                             for key, value in scalars.items())
         print(f"eval of step {step}: {summary} → {path}")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
+
+from ddpm_jax.files import atomic_write
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -34,35 +34,6 @@ def upscale(image: np.ndarray, min_side: int = 256) -> np.ndarray:
     """Nearest-neighbour enlargement so tiny images (8x8 digits) are visible."""
     factor = max(1, int(math.ceil(min_side / max(image.shape[:2]))))
     return image.repeat(factor, axis=0).repeat(factor, axis=1)
-
-
-def atomic_write(path: str, write) -> None:
-    """Writes via a local temporary file; local targets are replaced atomically, remote ones
-    (gs://, through etils.epath like Orbax and TFDS) are uploaded in one object write."""
-    from etils import epath
-
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    local = "://" not in str(path)
-    tmp = f"{path}.tmp-{os.getpid()}" if local else os.path.join(
-        tempfile.mkdtemp(), os.path.basename(str(path)))
-    try:
-        write(tmp)
-        if local:
-            os.replace(tmp, path)
-        else:
-            target.write_bytes(open(tmp, "rb").read())
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
 
 
 def save_png(path: str, image: np.ndarray) -> None:

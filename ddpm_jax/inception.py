@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -30,6 +29,8 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddpm_jax import files
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
@@ -450,19 +451,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write an npz via a temp file + rename, so concurrent readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_torch_weights(pth_path: str | os.PathLike, npz_path: str | os.PathLike) -> None:
     """Convert a torch state-dict file to an npz of the same tensors (imports torch lazily)."""
     import torch  # only needed once, for the conversion
@@ -472,7 +460,7 @@ def convert_torch_weights(pth_path: str | os.PathLike, npz_path: str | os.PathLi
         raise ValueError(f"{pth_path} does not hold a state dict (got {type(state_dict).__name__})")
     arrays = {name: tensor.detach().cpu().numpy() for name, tensor in state_dict.items()}
     validate_state_dict(arrays)
-    _atomic_savez(Path(npz_path), arrays)
+    files.save_npz(npz_path, **arrays)
 
 
 def _download_weights(destination: Path) -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import scipy.special
+
+from ddpm_jax import files
 
 
 def _clamp_round_off(eigenvalues: np.ndarray) -> np.ndarray:
@@ -178,15 +179,7 @@ def save_stats(
     }
     if "num_images" in meta:
         arrays["num_images"] = np.array(int(meta["num_images"]), np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.save_npz(path, **arrays)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -109,7 +109,7 @@ def run(config, workdir: str, checkpoint: int | None = None) -> str:
 
     from absl import logging
 
-    from ddpm_jax import images, parallel
+    from ddpm_jax import files, images, parallel
 
     sc = config.sample
     mesh = parallel.make_mesh()
@@ -126,7 +126,7 @@ def run(config, workdir: str, checkpoint: int | None = None) -> str:
         logging.info("sampled %d / %d", sum(len(s) for s in all_samples), sc.num_samples)
     samples_uint8 = np.concatenate(all_samples)
     if jax.process_index() == 0:
-        images.save_npz(os.path.join(out_dir, "samples.npz"), images=samples_uint8)
+        files.save_npz(os.path.join(out_dir, "samples.npz"), images=samples_uint8)
         images.save_png(os.path.join(out_dir, "grid.png"),
                         images.upscale(images.make_grid(samples_uint8[:100])))
         if first_progress is not None:

@@ -1,6 +1,5 @@
 """The original's optimiser pieces against direct computations (reference §3.4)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
