@@ -23,7 +23,7 @@ def get_config():
     config.training.num_steps = 3000
     config.training.lr = 1e-3
     config.training.warmup_steps = 200
-    config.training.ema_decay = 0.999
+    config.training.ema_decay = 0.995  # a short run: keep the shadow close to recent weights
     config.training.steps_per_call = 50
     config.training.log_every = 250
     config.training.checkpoint_every = 1000

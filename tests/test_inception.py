@@ -258,12 +258,12 @@ def test_float64_params_need_x64(reference):
 
 def test_download_failure_says_which_flag_to_pass(monkeypatch, tmp_path):
     monkeypatch.setattr(inception, "WEIGHTS_URL", (tmp_path / "does_not_exist.pth").as_uri())
-    with pytest.raises(RuntimeError, match=r"--config\.eval\.inception_weights=/path/to/pt_inception"):
+    with pytest.raises(FileNotFoundError, match=r"--config\.eval\.inception_weights=/path/to/pt_inception"):
         inception.load_inception_params(None, tmp_path / "cache")
     wrong_file = tmp_path / "wrong.pth"
     wrong_file.write_bytes(b"not the inception weights")
     monkeypatch.setattr(inception, "WEIGHTS_URL", wrong_file.as_uri())
-    with pytest.raises(RuntimeError, match=r"sha256.*--config\.eval\.inception_weights="):
+    with pytest.raises(FileNotFoundError, match=r"sha256.*--config\.eval\.inception_weights="):
         inception.load_inception_params(None, tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())
 
