@@ -20,7 +20,7 @@ def get_config():
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0
     config.training.batch_size = 64
-    config.training.num_steps = 3000
+    config.training.num_steps = 2000
     config.training.lr = 1e-3
     config.training.warmup_steps = 200
     config.training.ema_decay = 0.995  # a short run: keep the shadow close to recent weights
