@@ -1,15 +1,21 @@
-"""2-D convolution whose kernel gradient is written as a canonical convolution.
+"""2-D convolution whose two gradients are written as canonical NHWC/HWIO convolutions.
 
 Why: inside a `lax.scan`/`while` body (the `steps_per_call` train loop), XLA:CPU leaves the
-kernel-gradient convolution of `lax.conv_general_dilated` in a non-canonical dimension order
-(`f01b_i01o->01bf`) and runs it on a naive loop emitter, 20-200x slower than outside the loop.
-Expressing the same sum as an ordinary NHWC convolution, with the batch as the contracted
-feature axis, keeps it on the fast path. The result is mathematically identical:
+gradient convolutions of `lax.conv_general_dilated` in non-canonical dimension orders and runs
+them on slow paths: the kernel gradient (`f01b_i01o->01bf`) on a naive loop emitter, 20-200x
+slower than outside the loop, and the input gradient (kernel dims `01oi`) about 6x slower.
+Expressing the same sums as ordinary NHWC convolutions keeps both on the fast path; the results
+are bit-identical to XLA's own gradients:
 
     dW[kh, kw, i, o] = Σ_{b,y,x} x_pad[b, s·y + kh, s·x + kw, i] · g[b, y, x, o]
 
-which is a convolution of x_padᵀ [i, H, W, b] with gᵀ [Ho, Wo, b, o] dilated by the stride s.
-`KERNEL_GRAD = "auto"` uses it on the CPU backend only; TPU/GPU keep XLA's own gradient.
+a convolution of x_padᵀ [i, H, W, b] with gᵀ [Ho, Wo, b, o] dilated by the stride s, and
+
+    dx = conv(g dilated by s, W flipped in space with i and o swapped)
+
+padded by (k − 1 − p_lo, k − 1 − p_hi + r), r = (H + p_lo + p_hi − k) mod s (the rows the
+strided forward pass never reached). `KERNEL_GRAD = "auto"` uses them on the CPU backend only;
+TPU/GPU keep XLA's own gradients.
 """
 
 from __future__ import annotations
@@ -49,9 +55,14 @@ def _forward(x, w, strides, padding, precision):
 
 def _backward(strides, padding, precision, residuals, g):
     x, w = residuals
-    _, input_vjp = jax.vjp(lambda x: _conv(x, w, strides, padding, precision), x)
-    (dx,) = input_vjp(g)
     kh, kw = w.shape[:2]
+    input_padding = tuple(
+        (k - 1 - lo, k - 1 - hi + (size + lo + hi - k) % s)
+        for k, size, s, (lo, hi) in zip((kh, kw), x.shape[1:3], strides, padding))
+    w_flipped = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [kh, kw, o, i]
+    dx = lax.conv_general_dilated(g, w_flipped.astype(g.dtype), (1, 1), input_padding,
+                                  lhs_dilation=strides, dimension_numbers=_NHWC,
+                                  precision=precision).astype(x.dtype)
     x_t = jnp.transpose(x, (3, 1, 2, 0))  # [i, H, W, b]
     g_t = jnp.transpose(g, (1, 2, 0, 3))  # [Ho, Wo, b, o]
     dw = lax.conv_general_dilated(x_t, g_t, (1, 1), padding, rhs_dilation=strides,
