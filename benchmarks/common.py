@@ -1,0 +1,264 @@
+"""Shared plumbing of the benchmark scripts: environment, configs, timing, XLA's own numbers.
+
+Every script prints one JSON object per line and measurement, so results can be collected with
+`grep '^{'` and compared across runs. Timings are medians over repetitions; when the PyTorch
+reference is measured in the same run its repetitions are interleaved with ours, so that load
+from other processes on the machine slows both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The paper's own figures on a TPU v3-8 (reference §3.5 and §4).
+PAPER_TRAIN_SECONDS_PER_STEP = 1 / 21  # "21 steps per second at batch size 128" = 47.6 ms
+PAPER_SAMPLE_SECONDS_256 = 17.0  # "sampling a batch of 256 images takes 17 seconds"
+
+
+def setup_environment(devices: int = 1, xla_flags: str = "", platforms: str = "cpu") -> None:
+    """Must run before JAX is imported: CPU backend, `devices` host devices, extra XLA flags.
+
+    One device is the default so that the whole batch is one XLA computation using both cores
+    through XLA:CPU's intra-op thread pool, as PyTorch uses its 2 threads on one batch.
+    """
+    if "jax" in sys.modules:
+        raise RuntimeError("setup_environment must be called before jax is imported")
+    os.environ["JAX_PLATFORMS"] = platforms
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    flags += xla_flags.split()
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="cifar10",
+                        help="module name under configs/ (cifar10, digits, ...)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set model.dtype=bfloat16 (repeatable)")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="simulated CPU devices of the data mesh (1 = whole batch on one)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--xla_flags", default="", help="extra XLA_FLAGS, e.g. '--xla_cpu_use_onednn=true'")
+    parser.add_argument("--torch", action="store_true",
+                        help="also time the PyTorch/diffusers reference, interleaved, and print the ratio")
+    parser.add_argument("--torch_threads", type=int, default=2)
+    parser.add_argument("--profile", default="",
+                        help="directory: profile one more call and print time per XLA op category")
+
+
+def load_config(name: str, overrides: list[str]):
+    """`configs.<name>.get_config()` with `KEY=VALUE` overrides parsed as Python literals."""
+    import ast
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = getattr(node, parent)
+        setattr(node, leaf, value)
+    return config
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of `fn()`; `fn` must block until its result is ready."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(runners: dict[str, Callable[[], Any]], reps: int) -> dict[str, dict]:
+    """Runs each runner `reps` times, alternating between them; median and spread per runner."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    load_before = os.getloadavg()[0]
+    for _ in range(reps):
+        for name, fn in runners.items():
+            samples[name].append(timed(fn))
+    # The 1-minute load average of the machine: other processes competing for the 2 cores.
+    load = {"load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
+    return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s),
+                   "reps": len(s), **load} for name, s in samples.items()}
+
+
+def xla_costs(compiled) -> dict[str, float | None]:
+    """FLOPs, bytes and (on TPU) the cost model's seconds of one compiled program.
+
+    XLA's HLO cost analysis counts the body of a while loop once, whatever its trip count, so
+    for our `lax.scan` programs these are the costs of one loop iteration (plus what runs
+    outside the loop, which is negligible here).
+    """
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    return {
+        "flops": analysis.get("flops"),
+        "bytes_accessed": analysis.get("bytes accessed"),
+        "transcendentals": analysis.get("transcendentals"),
+        "optimal_seconds": analysis.get("optimal_seconds"),
+    }
+
+
+def xla_memory(compiled) -> dict[str, int | None]:
+    """Per-device buffer sizes XLA assigned: arguments, outputs, temporaries, donated aliases."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes")
+    out = {f: int(getattr(stats, f)) for f in fields if hasattr(stats, f)}
+    # Donated arguments alias outputs; they occupy memory once.
+    out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                  - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine_info() -> dict[str, Any]:
+    import jax
+
+    info = {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_avg_1m": os.getloadavg()[0],
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def config_summary(config) -> dict[str, Any]:
+    m = config.model
+    return {"image_size": config.data.image_size, "ch": m.ch, "ch_mult": list(m.ch_mult),
+            "num_res_blocks": m.num_res_blocks, "dtype": m.dtype, "dropout": m.dropout}
+
+
+def hlo_op_categories(hlo_text: str) -> dict[str, str]:
+    """Instruction name → what it does, from a compiled module's text (`compiled.as_text()`).
+
+    Fusions are labelled by the heaviest operation they call (convolution > dot > other), so
+    time can be attributed to convolutions, matmuls and elementwise/reduction work.
+    """
+    import re
+
+    instruction = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([a-z][\w\-]*)\(")
+    computation = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+    called = re.compile(r"calls=%?([\w.\-]+)")
+    opcodes: dict[str, str] = {}
+    calls: dict[str, str] = {}
+    contents: dict[str, set[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        match = computation.match(line)
+        if match and "=" not in line.split("{")[0]:
+            current = match.group(1)
+            contents[current] = set()
+            continue
+        match = instruction.match(line)
+        if not match:
+            continue
+        name, opcode = match.groups()
+        opcodes[name] = opcode
+        if current is not None:
+            contents[current].add(opcode)
+        target = called.search(line)
+        if target:
+            calls[name] = target.group(1)
+
+    def label(name: str) -> str:
+        opcode = opcodes.get(name, "")
+        body = contents.get(calls.get(name, ""), set())
+        if opcode == "convolution" or "convolution" in body:
+            return "convolution"
+        if opcode == "dot" or "dot" in body:
+            return "dot"
+        if opcode in ("fusion", ""):
+            return "fusion (elementwise/reduce)" if opcode else "other"
+        return opcode
+
+    return {name: label(name) for name in opcodes}
+
+
+def profile_ops(run: Callable[[], Any], log_dir: str, hlo_text: str, top: int = 12
+                ) -> dict[str, Any]:
+    """Runs `run()` under the JAX profiler and sums XLA:CPU's per-instruction events.
+
+    Returns the summed op time by category and the `top` most expensive instructions. Events
+    of independent instructions may overlap in time, so shares are of summed op time.
+    """
+    import glob
+    import gzip
+
+    import jax
+
+    os.makedirs(log_dir, exist_ok=True)
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    start = time.perf_counter()
+    run()
+    wall = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    path = max(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+               key=os.path.getmtime)
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    per_op: dict[str, float] = {}
+    for event in events:
+        op = (event.get("args") or {}).get("hlo_op")
+        if op and event.get("ph") == "X":
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] * 1e-6
+    categories = hlo_op_categories(hlo_text)
+    by_category: dict[str, float] = {}
+    for op, seconds in per_op.items():
+        category = categories.get(op, "other")
+        by_category[category] = by_category.get(category, 0.0) + seconds
+    total = sum(per_op.values()) or 1.0
+    return {
+        "wall_s": wall,
+        "op_time_s": total,
+        "by_category": {k: {"s": v, "share": v / total}
+                        for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "top_ops": [{"op": op, "category": categories.get(op, "other"), "s": s, "share": s / total}
+                    for op, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]],
+        "trace": path,
+    }

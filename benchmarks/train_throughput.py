@@ -1,0 +1,128 @@
+"""Images/s of the compiled train step (`ddpm_jax.train_step.make_train_step`) on this machine.
+
+One call runs `steps_per_call` complete optimizer steps (scan inside one XLA program; the state
+is donated). Compile time is measured separately (AOT `lower().compile()`), then the median over
+`--reps` calls. Achieved FLOP/s use XLA's own FLOP count of one step. With `--torch` the
+diffusers reference (`torch_reference.TorchTrainer`, same architecture, Adam, batch) is timed
+in the same run, interleaved call by call, and a ratio line is printed.
+
+    python benchmarks/train_throughput.py --config cifar10 --per_device_batch 16 --steps_per_call 2 --torch
+    python benchmarks/train_throughput.py --config digits --per_device_batch 64 --steps_per_call 50 --torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_flags(parser)
+    parser.add_argument("--per_device_batch", type=int, default=16)
+    parser.add_argument("--steps_per_call", type=int, default=2,
+                        help="optimizer steps per call (the config's value is for TPUs; a CIFAR "
+                             "step takes seconds on 2 CPU cores)")
+    return parser.parse_args(argv)
+
+
+def build(config, devices: int, per_device_batch: int, steps_per_call: int):
+    """The train state on the mesh, the compiled step and a fixed uint8 batch for it."""
+    import jax
+    import numpy as np
+
+    from ddpm_jax import parallel, train_step
+
+    config.training.batch_size = per_device_batch * devices
+    config.training.steps_per_call = steps_per_call
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    graphdef, state = train_step.create_train_state(config, mesh)
+    step = train_step.make_train_step(graphdef, config, mesh)
+
+    size, channels = config.data.image_size, config.data.channels
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (steps_per_call, config.training.batch_size, size, size, channels),
+                          dtype=np.uint8)
+    labels = np.zeros((steps_per_call, config.training.batch_size), np.int32)
+    images = parallel.to_global_array(images, mesh, batch_axis=1)
+    labels = parallel.to_global_array(labels, mesh, batch_axis=1)
+    seed_key = jax.random.key(0)
+
+    start = time.perf_counter()
+    compiled = step.lower(state, images, labels, seed_key).compile()
+    compile_s = time.perf_counter() - start
+    return compiled, state, (images, labels, seed_key), compile_s
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    common.setup_environment(args.devices, args.xla_flags)
+    import jax
+    import numpy as np
+
+    config = common.load_config(args.config, args.set)
+    compiled, state, batch, compile_s = build(config, args.devices, args.per_device_batch,
+                                              args.steps_per_call)
+    global_batch = config.training.batch_size
+    k = args.steps_per_call
+    costs = common.xla_costs(compiled)
+    holder = {"state": state}
+
+    def run_jax():
+        holder["state"], metrics = compiled(holder["state"], *batch)
+        jax.block_until_ready((holder["state"], metrics))
+        return metrics
+
+    start = time.perf_counter()
+    metrics = run_jax()  # first execution: allocations, thread-pool start-up
+    first_call_s = time.perf_counter() - start
+    runners = {"jax": run_jax}
+    trainer = None
+    if args.torch:
+        import torch_reference
+
+        torch_reference.set_threads(args.torch_threads)
+        trainer = torch_reference.TorchTrainer(config, global_batch)
+        trainer.run(1)
+        runners["torch"] = lambda: trainer.run(k)
+    timings = common.interleaved_medians(runners, args.reps)
+    metrics = jax.device_get(run_jax())
+    if not np.all(np.isfinite(metrics["loss"])):
+        raise RuntimeError(f"non-finite training loss {metrics['loss']}")
+
+    base = {"bench": "train", "config": args.config, **common.config_summary(config),
+            "devices": args.devices, "per_device_batch": args.per_device_batch,
+            "global_batch": global_batch, "steps_per_rep": k}
+    jax_time = timings["jax"]["median_s"] / k
+    # The cost analysis is of one device's program (its share of the batch).
+    flops = costs["flops"] * args.devices if costs["flops"] else None
+    common.emit({**base, "impl": "jax", **timings["jax"], "compile_s": compile_s,
+                 "first_call_s": first_call_s, "s_per_step": jax_time,
+                 "steps_per_s": 1 / jax_time, "images_per_s": global_batch / jax_time,
+                 "xla_flops_per_step": flops,
+                 "achieved_gflop_per_s": flops / jax_time / 1e9 if flops else None,
+                 "loss_last": float(metrics["loss"][-1]),
+                 "xla_memory": common.xla_memory(compiled),
+                 "peak_rss_bytes": common.peak_rss_bytes(), **common.machine_info()})
+    if trainer is not None:
+        import torch
+
+        torch_time = timings["torch"]["median_s"] / k
+        common.emit({**base, "impl": "torch", **timings["torch"], "s_per_step": torch_time,
+                     "steps_per_s": 1 / torch_time, "images_per_s": global_batch / torch_time,
+                     "achieved_gflop_per_s": flops / torch_time / 1e9 if flops else None,
+                     "threads": torch.get_num_threads(), "torch": torch.__version__})
+        common.emit({**base, "impl": "ratio", "jax_over_torch_images_per_s": torch_time / jax_time})
+    if args.profile:
+        common.emit({**base, "impl": "jax", "profile": common.profile_ops(
+            run_jax, args.profile, compiled.as_text())})
+
+
+if __name__ == "__main__":
+    main()
