@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_res_blocks = 2
     model.attn_resolutions = (16,)
     model.dropout = 0.1
-    model.num_classes = 0  # 0 = unconditional, like the paper
+    model.num_classes = 0  # 0 (or 1) = unconditional, like the paper; > 1 = class-conditional
+    model.class_dropout = 0.1  # conditional only: P(label -> null class) in training, for guidance
     model.dtype = "float32"  # compute dtype; "bfloat16" keeps params and optimizer in float32
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -72,6 +73,20 @@ def get_config() -> ml_collections.ConfigDict:
     sample.clip_denoised = True
     sample.progress_every = 50  # keep x0 predictions every k steps for strips/GIFs; 0 = off
     sample.seed = 0
+    # Class-conditional models (model.num_classes > 1) only; an unconditional model refuses both.
+    sample.guidance_scale = 0.0  # w: eps_uncond + w (eps_cond - eps_uncond); 0 = unconditional,
+    # 1 = conditional without guidance, > 1 = guided (the *_cond configs set it)
+    sample.labels = ""  # "" = one grid row per class 0..C-1; or a comma list, e.g. "3,7"
+    # Editing tasks (--mode=sample): generate | img2img | inpaint | interpolate | denoise
+    sample.task = "generate"
+    sample.input = ""  # image file (PNG/JPEG) or .npz (key "images", uint8 NHWC)
+    sample.input2 = ""  # interpolate: the second image(s)
+    sample.mask = ""  # inpaint: image file, white = regenerate, black = keep
+    sample.t0 = -1  # img2img / inpaint / interpolate: start from x_t0, in paper steps 0..T
+    # (0 = the input itself); -1 = from sample.strength, else T/2 (inpaint: T)
+    sample.strength = 0.0  # alternative to t0: t0 = round(strength * T)
+    sample.num_mix = 5  # interpolate: mixing weights linspace(0, 1, num_mix)
+    sample.denoise_steps = "50,100,200,400,600,800,999"  # denoise: 0-indexed steps t of x_t
 
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.num_samples = 50_000  # for IS / FID; 0 = skip them (e.g. bits/dim only)

@@ -74,11 +74,56 @@ def merge(graphdef: nnx.GraphDef, params: Params) -> unet.UNet:
 
 def denoise_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array | None = None
                ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """`(x_t, t) -> model output` with dropout off, as used by every sampler and the bound."""
+    """`(x_t, t) -> model output` with dropout off, as used by every sampler and the bound.
+
+    `labels` [B] (class-conditional models only) condition every call; None = unconditional
+    (the null class of a conditional model).
+    """
     model = merge(graphdef, params)
 
     def apply(x: jax.Array, t: jax.Array) -> jax.Array:
         return model(x, t, labels)
+
+    return apply
+
+
+def guide(cond_output: jax.Array, uncond_output: jax.Array, guidance_scale: float | jax.Array,
+          channels: int) -> jax.Array:
+    """Classifier-free guidance (Ho & Salimans 2022) of the mean part of the model output:
+
+    ε̃ = ε_uncond + w (ε_cond − ε_uncond), computed as (1 − w) ε_uncond + w ε_cond, which is the
+    same number in exact arithmetic and in floating point returns ε_uncond exactly at w = 0 and
+    ε_cond exactly at w = 1 (0·a = 0 and 1·a = a are exact).
+
+    Only the first `channels` channels (ε, x̂0 or x_{t-1}, by `diffusion.mean_type`) are mixed;
+    for learned variances the variance channels are taken from the conditional output.
+    """
+    w = jnp.asarray(guidance_scale, jnp.float32)
+    mean_part = (1.0 - w) * uncond_output[..., :channels] + w * cond_output[..., :channels]
+    return jnp.concatenate([mean_part, cond_output[..., channels:]], axis=-1)
+
+
+def guided_denoise_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array,
+                      guidance_scale: float | jax.Array
+                      ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`(x_t, t) -> guided model output` of a class-conditional model, in ONE batched model call
+    per step: the UNet sees concat([x, x]) with labels concat([y, null]) and the two halves are
+    combined by `guide`. Works in any sampler that takes a `denoise_fn`."""
+    model = merge(graphdef, params)
+    if not unet.is_conditional(model.num_classes):
+        raise ValueError(
+            f"classifier-free guidance needs a class-conditional model (model.num_classes > 1), "
+            f"this one has model.num_classes={model.num_classes}; set "
+            "--config.sample.guidance_scale=0 and --config.sample.labels=''.")
+    labels = jnp.asarray(labels, jnp.int32)
+    null = jnp.full_like(labels, unet.null_class(model.num_classes))
+
+    def apply(x: jax.Array, t: jax.Array) -> jax.Array:
+        batch = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+        both = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([labels, null]))
+        return guide(both[:batch], both[batch:], guidance_scale, model.in_ch)
 
     return apply
 

@@ -13,6 +13,7 @@ so the same key always gives the same samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -82,14 +83,22 @@ def ancestral_sample(
     var_type: str,
     clip_denoised: bool = True,
     xstart_every: int | None = None,
+    num_steps: int | None = None,
+    after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Run the reverse chain x_T -> x_0 with ``p_sample`` for t = T-1..0 (Alg. 2) in one ``lax.scan``.
 
-    With ``xstart_every = n`` also returns pred_xstart_progress [K, B, H, W, C], K = ceil(T / n),
+    With ``xstart_every = n`` also returns pred_xstart_progress [K, B, H, W, C], K = ceil(S / n),
     where slot k holds x̂_0 predicted at t = n·k (the original keeps n = 50; slot 0 is the final
     sample when clipping is on, since μ at t = 0 is x̂_0).
+
+    For editing: ``num_steps = S`` (static, 0..T) starts the chain at code index S-1, i.e.
+    ``x_T`` is then the latent at paper step S (default S = T); ``after_step(x_prev, t)`` is
+    applied to each new x_{t-1} (code index t-1), e.g. to re-impose known pixels.
     """
-    num_timesteps = schedule.num_timesteps
+    num_timesteps = schedule.num_timesteps if num_steps is None else int(num_steps)
+    if not 0 <= num_timesteps <= schedule.num_timesteps:
+        raise ValueError(f"num_steps must be in [0, {schedule.num_timesteps}], got {num_steps}")
     batch = x_T.shape[0]
 
     def step(carry, t):
@@ -106,6 +115,8 @@ def ancestral_sample(
             var_type=var_type,
             clip_denoised=clip_denoised,
         )
+        if after_step is not None:
+            x_prev = after_step(x_prev, t)
         if progress is not None:
             # t descends, so the last write to slot t // n happens at t = n·(t // n).
             progress = jax.lax.dynamic_update_index_in_dim(

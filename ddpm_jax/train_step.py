@@ -23,10 +23,13 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ddpm_jax import diffusion, models, optim
+from ddpm_jax import diffusion, models, optim, unet
 from ddpm_jax.parallel import DATA_AXIS, replicated
 
 NUM_QUARTILES = 4
+# A fixed fold_in constant for the label-dropout decision, so that it is independent of the
+# (t, noise, flip) keys split from the same example key and leaves them unchanged.
+LABEL_DROPOUT_STREAM = 0x6C61626C
 
 
 class TrainState(NamedTuple):
@@ -92,6 +95,41 @@ def per_example_randomness(step_key: jax.Array, first_index: jax.Array, batch: i
     return jax.vmap(one)(first_index + jnp.arange(batch))
 
 
+def drop_labels(step_key: jax.Array, first_index: jax.Array, labels: jax.Array,
+                num_classes: int, class_dropout: float) -> jax.Array:
+    """Each label becomes the null class `num_classes` with probability `class_dropout`
+    (Bernoulli per example, keyed by the example's global index), else stays as it is."""
+
+    def dropped(index):
+        key = jax.random.fold_in(jax.random.fold_in(step_key, index), LABEL_DROPOUT_STREAM)
+        return jax.random.bernoulli(key, class_dropout)
+
+    drop = jax.vmap(dropped)(first_index + jnp.arange(labels.shape[0]))
+    return jnp.where(drop, unet.null_class(num_classes), labels.astype(jnp.int32))
+
+
+def check_dataset_labels(model_config, dataset_num_classes: int, labels=None) -> None:
+    """A conditional model needs the dataset's classes: same count, labels in [0, num_classes).
+
+    Raises a one-line ValueError naming the fix otherwise; unconditional models ignore labels.
+    """
+    num_classes = model_config.num_classes
+    if not unet.is_conditional(num_classes):
+        return
+    if dataset_num_classes != num_classes:
+        raise ValueError(
+            f"model.num_classes={num_classes} but the dataset has {dataset_num_classes} classes; "
+            f"set --config.model.num_classes={dataset_num_classes} (or 0 for an unconditional model).")
+    if labels is not None and len(labels):
+        import numpy as np
+
+        low, high = int(np.min(labels)), int(np.max(labels))
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"dataset labels span [{low}, {high}], outside [0, {num_classes}) for "
+                f"model.num_classes={num_classes}; fix the labels or set model.num_classes.")
+
+
 def random_flip(images: jax.Array, flip: jax.Array) -> jax.Array:
     """Mirrors the images whose flip bit is set (`tf.image.random_flip_left_right`)."""
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
@@ -101,7 +139,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable:
     """(params, x_start, labels, t, noise, dropout_key) → (mean loss, per-example losses)."""
     schedule = diffusion.schedule_from_config(config.diffusion)
     dc = config.diffusion
-    conditional = config.model.num_classes > 0
+    conditional = unet.is_conditional(config.model.num_classes)
 
     def loss_fn(params, x_start, labels, t, noise, dropout_key):
         x_t = diffusion.q_sample(schedule, x_start, t, noise)
@@ -123,6 +161,10 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
     learning_rate = optim.warmup_learning_rate(tc.lr, tc.warmup_steps)
     loss_fn = make_loss_fn(graphdef, config)
     num_timesteps = config.diffusion.num_timesteps
+    num_classes = config.model.num_classes
+    class_dropout = float(config.model.get("class_dropout", 0.0))
+    if unet.is_conditional(num_classes) and not 0.0 <= class_dropout < 1.0:
+        raise ValueError(f"model.class_dropout={class_dropout} must be in [0, 1).")
     if tc.clip_mode not in ("per_device", "global"):
         raise ValueError(f"training.clip_mode={tc.clip_mode!r} is unknown; "
                          "use 'per_device' or 'global'.")
@@ -138,6 +180,9 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
         if config.data.random_flip:
             x_start = random_flip(x_start, flip)
         dropout_key = jax.random.fold_in(step_key, -1 - device)
+        if unet.is_conditional(num_classes) and class_dropout > 0:
+            labels = drop_labels(step_key, device * local_batch, labels, num_classes,
+                                 class_dropout)
 
         # Differentiate w.r.t. a device-varying copy of the replicated params, so each device
         # gets its own gradient (shard_map would otherwise psum the gradient of an invariant).

@@ -10,6 +10,12 @@ GroupNorm, the attention softmax and the returned output stay float32.
 
 The module holds no RNG state: dropout is driven by an explicit `dropout_key` argument, so a
 train step is a pure function of (params, batch, key).
+
+With `num_classes > 1` the UNet is class-conditional (not part of the original): a learned
+embedding of the label, `class_embed` with `num_classes + 1` rows, is added to the timestep
+embedding after the `temb` MLP. Row `num_classes` is the null class ("no label") used for
+classifier-free guidance; it is never a real label. With `num_classes <= 1` the model is the
+original, parameter for parameter.
 """
 
 from __future__ import annotations
@@ -278,6 +284,21 @@ class UpLevel(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+class LabelsOnUnconditionalModelError(ValueError, NotImplementedError):
+    """Labels were passed to an unconditional UNet (the original is unconditional only)."""
+
+
+def is_conditional(num_classes: int) -> bool:
+    """`model.num_classes` ≤ 1 is the original unconditional model; > 1 adds a class embedding."""
+    return num_classes > 1
+
+
+def null_class(num_classes: int) -> int:
+    """Index of the "no label" embedding row used for classifier-free guidance: one past the
+    last real class, so no real label 0..num_classes-1 can ever select it."""
+    return num_classes
+
+
 def _block_dropout_key(dropout_key: jax.Array | None, block_index: int) -> jax.Array | None:
     return None if dropout_key is None else jax.random.fold_in(dropout_key, block_index)
 
@@ -308,9 +329,6 @@ class UNet(nnx.Module):
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if num_classes > 1:
-            # The original asserts num_classes == 1 and y is None: it is unconditional only.
-            raise NotImplementedError("class-conditional UNet is not part of the original model")
         self.ch = ch
         self.ch_mult = tuple(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -327,6 +345,11 @@ class UNet(nnx.Module):
         common = dict(dropout=dropout, dtype=dtype, rngs=rngs)
 
         self.temb = TimestepMLP(ch, temb_ch, dtype=dtype, rngs=rngs)
+        # Created only for conditional models, so the unconditional parameter tree is unchanged.
+        self.class_embed = (
+            nnx.Embed(num_classes + 1, temb_ch, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+            if is_conditional(num_classes) else None
+        )
         self.conv_in = _conv3x3(in_ch, ch, dtype=dtype, rngs=rngs)
 
         # Channels of every tensor pushed on the skip stack, in push order.
@@ -390,12 +413,18 @@ class UNet(nnx.Module):
     ) -> jax.Array:
         """Predict the model output (eps, x0 or x_{t-1} mean part) for x [B,H,W,in_ch] at steps t [B].
 
+        `y` [B] int labels (conditional models only): 0..num_classes-1, or `null_class` for the
+        unconditional prediction; None means the null class. temb = temb_mlp(sinusoid(t)) +
+        class_embed[y].
+
         Dropout is applied iff `dropout_key` is given and `dropout > 0`; resblock number n (in
         execution order: down, mid, up) uses `fold_in(dropout_key, n)`. Returns float32
         [B, H, W, out_ch].
         """
-        if y is not None:
-            raise NotImplementedError("the original UNet is unconditional (y must be None)")
+        if y is not None and self.class_embed is None:
+            raise LabelsOnUnconditionalModelError(
+                f"this UNet is unconditional (model.num_classes={self.num_classes}); class labels "
+                "need a model trained with model.num_classes > 1.")
         batch, height, width, channels = x.shape
         if height != width or height != self.resolution or channels != self.in_ch:
             raise ValueError(
@@ -404,6 +433,11 @@ class UNet(nnx.Module):
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
 
         temb = self.temb(timestep_embedding(t, self.ch))
+        if self.class_embed is not None:
+            if y is None:
+                y = jnp.full((batch,), null_class(self.num_classes), jnp.int32)
+            y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (batch,))
+            temb = temb + self.class_embed(y).astype(temb.dtype)
         block_index = 0
 
         hs = [self.conv_in(x)]
@@ -482,6 +516,7 @@ def tf_variable_names(model: UNet) -> dict[str, tuple]:
             "kernel": "W",
             "bias": "beta" if is_norm else "b",
             "scale": "gamma",
+            "embedding": "embedding",  # class_embed: conditional models only, no TF original
         }[path[-1]]
         names["/".join(scopes + [leaf])] = path
     return names
@@ -494,14 +529,16 @@ def count_params(model: nnx.Module) -> int:
 
 def param_summary(model: UNet) -> list[tuple[str, int]]:
     """Parameter count per top-level TF scope, in the reference order:
-    temb, conv_in, down_0..down_{L-1}, mid, up_{L-1}..up_0, norm_out, conv_out."""
+    temb, [class_embed,] conv_in, down_0..down_{L-1}, mid, up_{L-1}..up_0, norm_out, conv_out."""
     totals: dict[str, int] = {}
     for path, variable in _param_leaves(model):
         scope = f"{path[0]}_{path[1]}" if path[0] in ("down", "up") else str(path[0])
         totals[scope] = totals.get(scope, 0) + math.prod(variable.shape)
     num_levels = len(model.ch_mult)
     order = (
-        ["temb", "conv_in"]
+        ["temb"]
+        + (["class_embed"] if "class_embed" in totals else [])
+        + ["conv_in"]
         + [f"down_{i}" for i in range(num_levels)]
         + ["mid"]
         + [f"up_{i}" for i in reversed(range(num_levels))]
