@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -17,11 +18,22 @@ from absl import logging
 
 # Config keys that may change between a run and its resumption without changing the model.
 _RESUMABLE_KEYS = ("training", "sample", "eval", "data.prefetch", "data.data_dir",
-                   "data.shuffle_buffer", "data.in_memory", "model.dtype")
+                   "data.shuffle_buffer", "data.in_memory", "model.dtype",
+                   # label dropout is a training choice; it leaves the weights' shapes alone.
+                   "model.class_dropout")
 
 
 class ConfigMismatchError(ValueError):
     """The workdir's checkpoints belong to a run with another model or data config."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
+
+
+# The step each manager is (asynchronously) writing, to name it when the write fails later.
+_pending_step: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = (
+    weakref.WeakKeyDictionary())
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -37,14 +49,68 @@ def make_manager(workdir: str, training_config=None, *, read_only: bool = False
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=True,
+        # A write that failed half-way (full disk, kill -9) leaves `<step>.orbax-checkpoint-tmp`;
+        # restore never reads it and the next save of that step must not trip over it.
+        cleanup_tmp_directories=not read_only,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config) -> bool:
-    return manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+    """Starts writing checkpoint `step` (finished in the background; see `wait_until_finished`).
+
+    Raises `CheckpointWriteError` if this or the previous background write failed.
+    """
+    try:
+        saved = manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+    except Exception as e:
+        raise write_error(manager, _pending_step.get(manager, step), e) from e
+    _pending_step[manager] = step
+    return saved
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """Blocks until the background write is committed; `CheckpointWriteError` if it failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise write_error(manager, _pending_step.get(manager), e) from e
+    _pending_step.pop(manager, None)
+
+
+def _root_os_error(error: BaseException) -> OSError | None:
+    """The first OSError in an exception chain (Orbax wraps the one from the file system)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_error(manager: ocp.CheckpointManager, step: int | None,
+                error: BaseException) -> CheckpointWriteError:
+    """One line: which checkpoint failed, why, what to do, and which checkpoints are intact."""
+    os_error = _root_os_error(error)
+    if os_error is not None and os_error.strerror:
+        reason = os_error.strerror
+    else:
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    try:
+        manager.reload()
+        intact = [s for s in manager.all_steps() if s != step]
+    except Exception:  # the directory itself may be unreadable now
+        intact = []
+    kept = (f"checkpoints up to step {max(intact)} are intact" if intact
+            else "no earlier checkpoint exists")
+    what = f"checkpoint {step}" if step is not None else "a checkpoint"
+    return CheckpointWriteError(
+        f"could not save {what} to {manager.directory}: {reason} — free space or point "
+        f"--workdir elsewhere; {kept}.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -22,11 +22,13 @@ flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample/evalu
 
 
 def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -> None:
-    if mode not in MODES:
-        raise ValueError(f"--mode={mode!r} is unknown; use one of {', '.join(MODES)}.")
+    from ddpm_jax import validate
+
+    validate.check_mode(mode)
     if mode == "info":
         from ddpm_jax import info
 
+        validate.validate(config, mode)
         print(info.format_info(config, info.model_info(config)))
         return
     if not workdir:
@@ -35,6 +37,7 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
     from ddpm_jax import parallel
 
     parallel.maybe_initialize_distributed()
+    validate.validate(config, mode, parallel.make_mesh())
     if mode == "train":
         from ddpm_jax import train
 
@@ -49,22 +52,84 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
         evaluate.run(config, workdir, checkpoint)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/digits.py")
-    logging.set_verbosity(logging.INFO)
+def exit_with_error(message) -> None:
+    """The one-line `error: ...` on stderr and exit status 2, for every mistake we can name."""
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_or_exit(mode: str, config, workdir: str | None, checkpoint: int | None = None) -> None:
+    """`run`, with expected failures reported as one `error:` line and exit status 2."""
+    from ddpm_jax.checkpointing import CheckpointWriteError
     from ddpm_jax.train import NonFiniteError
 
     try:
-        run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-    except (ValueError, FileNotFoundError, KeyError, NonFiniteError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        run(mode, config, workdir, checkpoint)
+    except (ValueError, FileNotFoundError, KeyError, NonFiniteError, CheckpointWriteError) as e:
         logging.debug("failed", exc_info=True)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
+
+
+def _unknown_config_key(argv: list[str], error: Exception) -> str | None:
+    """`--config.a.b=...` naming a key the config does not have, with ml_collections' hint."""
+    message = error
+    while isinstance(message, BaseException):  # AttributeError(KeyError("'key'\nDid you ..."))
+        message = message.args[0] if message.args else str(message)
+    message = str(message)
+    key = message.split("'")[1] if message.count("'") >= 2 else message
+    suggestion = " ".join(message.split("\n", 1)[1:]).strip()
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--config.") and name.rsplit(".", 1)[-1] == key:
+            return (f"{name}: the config has no key {key!r}"
+                    f"{' (' + suggestion + ')' if suggestion else ''}; see configs/default.py "
+                    "for the keys.")
+    return None
+
+
+def _config_file_error(error: OSError) -> str:
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = str(cause).strip().splitlines()
+    reason = getattr(cause, "strerror", None) or (lines[-1].strip() if lines else type(cause).__name__)
+    return (f"--config={FLAGS['config'].config_filename} cannot be loaded ({reason}); "
+            "pass a config file such as configs/digits.py.")
+
+
+def _load_config():
+    """FLAGS.config, or one `error:` line if the config file cannot be loaded."""
+    try:
+        config = FLAGS.config
+        if config is not None:
+            config.keys()  # the file is loaded lazily, on first use
+        return config
+    except OSError as e:
+        exit_with_error(_config_file_error(e))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag or config override reported as one `error:` line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        exit_with_error(e)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing key
+        exit_with_error(_unknown_config_key(argv, e) or f"bad --config override: {e}")
+    except OSError as e:  # the config file itself
+        exit_with_error(_config_file_error(e))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _load_config()
+    if config is None:
+        exit_with_error("--config is required, e.g. --config configs/digits.py")
+    logging.set_verbosity(logging.INFO)
+    run_or_exit(FLAGS.mode, config, FLAGS.workdir, FLAGS.checkpoint)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

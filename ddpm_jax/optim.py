@@ -64,9 +64,14 @@ def make_optimizer(training_config) -> optax.GradientTransformation:
                        optax.scale_by_learning_rate(warmup_learning_rate(tc.lr, tc.warmup_steps)))
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """‖g‖ = sqrt(Σ_leaves Σ g²), in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def clip_by_global_norm(grads: Any, max_norm: float) -> tuple[Any, jax.Array]:
     """g · min(1, max_norm/‖g‖) (`tf.clip_by_global_norm`); also returns ‖g‖."""
-    norm = optax.global_norm(grads)
+    norm = global_norm(grads)
     scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), norm
 

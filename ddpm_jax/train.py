@@ -18,7 +18,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpointing, images, input_pipeline, parallel, sampling, train_step
+from ddpm_jax import (checkpointing, images, input_pipeline, optim, parallel, sampling,
+                      train_step, validate)
 
 
 class NonFiniteError(RuntimeError):
@@ -117,6 +118,8 @@ def train_and_evaluate(config, workdir: str) -> train_step.TrainState:
     if dataset is not None:
         logging.info("dataset %s: %d images of %s", config.data.name, len(dataset.images),
                      dataset.images.shape[1:])
+        train_step.check_dataset_labels(config.model, dataset.num_classes, dataset.labels)
+        validate.check_dataset_size(config, len(dataset.images))
 
     manager = checkpointing.make_manager(workdir, tc)
     graphdef, abstract_state = train_step.abstract_train_state(config)
@@ -186,7 +189,7 @@ def train_and_evaluate(config, workdir: str) -> train_step.TrainState:
                     checkpointing.save(manager, step, state, config)
                 break
     finally:
-        manager.wait_until_finished()
+        checkpointing.wait_until_finished(manager)
         writer.flush()
         stop.uninstall()
         if jax.process_count() > 1:
@@ -197,11 +200,7 @@ def train_and_evaluate(config, workdir: str) -> train_step.TrainState:
     return state
 
 
-@jax.jit
-def _global_norm(tree):
-    import optax
-
-    return optax.global_norm(tree)
+_global_norm = jax.jit(optim.global_norm)
 
 
 def _format_seconds(seconds: float) -> str:

@@ -56,3 +56,58 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkey
         if step > 2:  # skipped updates leave the weights as they were
             assert all(np.array_equal(a, b) for a, b in
                        zip(jax.tree.leaves(state.params), jax.tree.leaves(good.params)))
+
+
+def _tree_snapshot(root):
+    """(relative path, size, sha256) of every file below `root`."""
+    import hashlib
+
+    snapshot = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            snapshot.append((os.path.relpath(path, root), os.path.getsize(path), digest))
+    return sorted(snapshot)
+
+
+def test_full_disk_while_saving_is_one_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch,
+                                                                           capsys):
+    import errno
+
+    from orbax.checkpoint import JsonCheckpointHandler
+
+    config = tiny_config()  # checkpoints at 2 and 4
+    workdir = str(tmp_path)
+    checkpoint_2 = os.path.join(workdir, "checkpoints", "2")
+    snapshots = []
+    original = JsonCheckpointHandler._save_fn
+
+    async def disk_full_from_the_second_save(self, item, directory):
+        if snapshots or os.path.isdir(checkpoint_2):
+            # Checkpoint 2 is committed; the disk fills while checkpoint 4 is being written.
+            snapshots.append(_tree_snapshot(checkpoint_2))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return await original(self, item, directory)
+
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", disk_full_from_the_second_save)
+    with pytest.raises(SystemExit) as exit_info:
+        main.run_or_exit("train", config, workdir)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (
+        f"error: could not save checkpoint 4 to {os.path.join(workdir, 'checkpoints')}: No space "
+        "left on device — free space or point --workdir elsewhere; checkpoints up to step 2 are "
+        "intact.")
+
+    # Checkpoint 2 is byte for byte what it was, restores, and is the only one that looks valid.
+    assert len(snapshots) == 1 and _tree_snapshot(checkpoint_2) == snapshots[0]
+    assert checkpointing.make_manager(workdir, read_only=True).all_steps() == [2]
+    assert int(_restore(workdir, config, 2).step) == 2
+
+    # With space again the same command resumes from 2 and writes 4 over the partial attempt.
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", original)
+    main.run_or_exit("train", config, workdir)
+    assert sorted(checkpointing.make_manager(workdir, read_only=True).all_steps()) == [2, 4]
+    assert int(_restore(workdir, config, 4).step) == 4

@@ -1,0 +1,179 @@
+"""Every row of the README's "When something goes wrong" table: the command fails with exit
+status 2 and exactly one `error:` line naming the problem, and the workdir is left byte for byte
+as it was (or not created at all)."""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ddpm_jax import main
+from helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _snapshot(root):
+    """Every file and directory below `root` with its size, mtime and content hash."""
+    if not os.path.exists(root):
+        return None
+    entries = []
+    for directory, dirs, names in os.walk(root):
+        for name in dirs:
+            path = os.path.join(directory, name)
+            entries.append((os.path.relpath(path, root), "dir", os.stat(path).st_mtime_ns))
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            stat = os.stat(path)
+            entries.append((os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns, digest))
+    return sorted(entries, key=str)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real workdir with a checkpoint at step 2 of the tiny config."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    config = tiny_config()
+    config.training.num_steps = 2
+    main.run("train", config, workdir)
+    return workdir
+
+
+def _set(**overrides):
+    def change(config):
+        for dotted, value in overrides.items():
+            section, key = dotted.split("__")
+            config[section][key] = value
+    return change
+
+
+# (id, mode, config change, workdir: "fresh" | "trained", extra kwargs, expected message part)
+IN_PROCESS_ROWS = [
+    ("batch_not_divisible", "train", _set(training__batch_size=12), "fresh", {},
+     "training.batch_size=12 is not divisible by the 8 devices of the data mesh; set "
+     "--config.training.batch_size to a multiple of 8."),
+    ("image_size_model_cannot_take", "train", _set(data__image_size=9), "fresh", {},
+     "data.image_size=9 cannot be halved 1 times by model.ch_mult=(1, 2); use an image size "
+     "divisible by 2."),
+    ("attention_at_missing_resolution", "train", _set(model__attn_resolutions=(16,)), "fresh", {},
+     "model.attn_resolutions=(16,): 16 is not a resolution of this UNet (8, 4)"),
+    ("unknown_dataset", "train", _set(data__name="cifar100000"), "fresh", {},
+     "unknown dataset data.name='cifar100000' (DatasetNotFoundError); use a TFDS name"),
+    ("empty_image_folder", "train", None, "fresh", {"folder": "empty"},
+     "has no images (.png, .jpg, .jpeg, .bmp, .webp); point --config.data.folder at a folder "
+     "that has some."),
+    ("image_folder_missing", "train", None, "fresh", {"folder": "missing"},
+     "is not a directory; set --config.data.folder to a folder of PNG/JPEG images."),
+    ("dataset_smaller_than_a_batch", "train", _set(training__batch_size=4096), "fresh", {},
+     "the dataset 'digits' has 1797 images, fewer than one batch of training.batch_size=4096; "
+     "lower --config.training.batch_size."),
+    ("workdir_of_another_config", "train", _set(data__image_size=16, model__attn_resolutions=()),
+     "trained", {}, "was written with another config (data.image_size: checkpoint 8 vs now 16"),
+    ("resume_with_changed_model_shape", "train", _set(model__ch=64), "trained", {},
+     "was written with another config (model.ch: checkpoint 32 vs now 64); use a new --workdir "
+     "or the original config."),
+    ("missing_inception_weights", "eval",
+     _set(eval__inception_weights="/nonexistent/pt_inception-2015-12-05-6726825d.pth"),
+     "trained", {}, "eval.inception_weights='/nonexistent/pt_inception-2015-12-05-6726825d.pth' "
+     "does not exist; point --config.eval.inception_weights at the file"),
+    ("unknown_mode", "paint", None, "trained", {},
+     "--mode='paint' is unknown; use one of train, sample, eval, info."),
+    ("no_workdir", "train", None, None, {},
+     "--mode=train needs --workdir (where checkpoints and outputs go)."),
+    ("unknown_sample_method", "sample", _set(sample__method="plms"), "trained", {},
+     "sample.method='plms' is unknown; set --config.sample.method to one of ancestral, ddim."),
+    ("unknown_clip_mode", "train", _set(training__clip_mode="layer"), "fresh", {},
+     "training.clip_mode='layer' is unknown; set --config.training.clip_mode to one of "
+     "per_device, global."),
+    ("unknown_beta_schedule", "train", _set(diffusion__beta_schedule="sigmoid"), "fresh", {},
+     "diffusion.beta_schedule='sigmoid' is unknown"),
+    ("unknown_var_type", "sample", _set(diffusion__var_type="fixed"), "trained", {},
+     "diffusion.var_type='fixed' is unknown"),
+    ("zero_num_steps", "train", _set(training__num_steps=0), "fresh", {},
+     "training.num_steps=0 must be ≥ 1; set --config.training.num_steps."),
+    ("zero_learning_rate", "train", _set(training__lr=0.0), "trained", {},
+     "training.lr=0.0 must be > 0; set --config.training.lr."),
+    ("steps_per_call_below_1", "train", _set(training__steps_per_call=0), "fresh", {},
+     "training.steps_per_call=0 must be ≥ 1; set --config.training.steps_per_call."),
+    ("checkpoint_step_missing", "sample", None, "trained", {"checkpoint": 7},
+     "--checkpoint=7 is not in"),
+    ("sample_without_checkpoint", "sample", None, "fresh", {},
+     "; train first (--mode=train) or convert released weights (python -m ddpm_jax.convert)."),
+]
+
+
+@pytest.mark.parametrize("row", IN_PROCESS_ROWS, ids=[row[0] for row in IN_PROCESS_ROWS])
+def test_bad_input_in_process(row, trained, tmp_path, capsys):
+    _, mode, change, which, extra, expected = row
+    config = tiny_config()
+    if "folder" in extra:
+        config.data.name = "imagefolder"
+        config.data.folder = str(tmp_path / extra["folder"])
+        if extra["folder"] == "empty":
+            os.makedirs(config.data.folder)
+            (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    if change is not None:
+        change(config)
+    workdir = {"fresh": str(tmp_path / "run"), "trained": trained, None: None}[which]
+    before = _snapshot(workdir) if workdir else None
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main.run_or_exit(mode, config, workdir, extra.get("checkpoint"))
+
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), errors
+    assert expected in errors[0]
+    if workdir:
+        assert _snapshot(workdir) == before  # None == None: a fresh workdir was not created
+
+
+FLAG_ROWS = [
+    ("unknown_config_key", ["--config.model.chanels=64"],
+     "error: --config.model.chanels: the config has no key 'chanels'; see configs/default.py "
+     "for the keys."),
+    ("config_value_of_wrong_type", ["--config.model.ch=abc"],
+     "error: flag --config.model.ch=abc: invalid literal for int() with base 10: 'abc'"),
+    ("missing_config_file", ["--config", "configs/nope.py"],
+     "error: --config=configs/nope.py cannot be loaded ([Errno 2] No such file or directory: "
+     "'configs/nope.py'); pass a config file such as configs/digits.py."),
+]
+
+
+@pytest.mark.parametrize("row", FLAG_ROWS, ids=[row[0] for row in FLAG_ROWS])
+def test_bad_flags_on_the_command_line(row, tmp_path):
+    _, args, expected = row
+    workdir = str(tmp_path / "run")
+    config_args = [] if "--config" in args else ["--config", "configs/digits.py"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.main", *config_args, *args, "--workdir", workdir],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == [expected]
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(workdir)
+
+
+def _readme_table_rows():
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    section = text.split("## When something goes wrong", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return rows[1:]  # below the header
+
+
+def test_readme_table_lists_every_row_with_its_message():
+    rows = _readme_table_rows()
+    assert len(rows) >= 12
+    readme = "\n".join(rows)
+    # Each tested message appears in the table (modulo the table's code-span escaping).
+    for row in IN_PROCESS_ROWS + FLAG_ROWS:
+        key_phrase = re.sub(r"^error: ", "", row[-1])[:40]
+        assert key_phrase in readme.replace("\\|", "|"), row[0]
