@@ -50,6 +50,12 @@ def _num_progress_slots(num_steps: int, xstart_every: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _record_xstart(progress: jax.Array, pred_xstart: jax.Array, slot: jax.Array) -> jax.Array:
+    """Writes this step's x̂_0 prediction into progress slot `slot` (the last write wins)."""
+    return jax.lax.dynamic_update_index_in_dim(progress, pred_xstart.astype(progress.dtype), slot,
+                                               axis=0)
+
+
 def p_sample(
     schedule: Schedule,
     model_output: jax.Array,
@@ -119,9 +125,7 @@ def ancestral_sample(
             x_prev = after_step(x_prev, t)
         if progress is not None:
             # t descends, so the last write to slot t // n happens at t = n·(t // n).
-            progress = jax.lax.dynamic_update_index_in_dim(
-                progress, pred_xstart.astype(progress.dtype), t // xstart_every, axis=0
-            )
+            progress = _record_xstart(progress, pred_xstart, t // xstart_every)
         return (x_prev, progress), None
 
     progress = None
@@ -253,9 +257,7 @@ def ddim_sample(
             clip_denoised=clip_denoised,
         )
         if progress is not None:
-            progress = jax.lax.dynamic_update_index_in_dim(
-                progress, pred_xstart.astype(progress.dtype), index // xstart_every, axis=0
-            )
+            progress = _record_xstart(progress, pred_xstart, index // xstart_every)
         return (x_prev, progress), None
 
     progress = None

@@ -214,6 +214,17 @@ class AttnBlock(nnx.Module):
         return (x + self.proj_out(h)).astype(self.dtype)
 
 
+def _blocks_and_attention(
+    block_in_channels: Sequence[int], out_ch: int, temb_ch: int, *, with_attn: bool,
+    dropout: float, dtype: Any, rngs: nnx.Rngs
+) -> tuple[nnx.List, nnx.List]:
+    """A level's `block[j]` (one per input width) and, at attention resolutions, `attn[j]`."""
+    blocks = [ResnetBlock(c, out_ch, temb_ch, dropout=dropout, dtype=dtype, rngs=rngs)
+              for c in block_in_channels]
+    attention = [AttnBlock(out_ch, dtype=dtype, rngs=rngs) for _ in block_in_channels] if with_attn else []
+    return nnx.List(blocks), nnx.List(attention)
+
+
 class DownLevel(nnx.Module):
     """Scope `down_{i}`: `block[j]`, optional `attn[j]` after each block, optional `downsample` conv."""
 
@@ -229,15 +240,9 @@ class DownLevel(nnx.Module):
         dtype: Any,
         rngs: nnx.Rngs,
     ):
-        self.block = nnx.List(
-            [
-                ResnetBlock(c, out_ch, temb_ch, dropout=dropout, dtype=dtype, rngs=rngs)
-                for c in block_in_channels
-            ]
-        )
-        self.attn = nnx.List(
-            [AttnBlock(out_ch, dtype=dtype, rngs=rngs) for _ in block_in_channels] if with_attn else []
-        )
+        self.block, self.attn = _blocks_and_attention(
+            block_in_channels, out_ch, temb_ch, with_attn=with_attn, dropout=dropout, dtype=dtype,
+            rngs=rngs)
         self.downsample = (
             _conv3x3(out_ch, out_ch, stride=2, dtype=dtype, rngs=rngs) if with_downsample else None
         )
@@ -267,15 +272,9 @@ class UpLevel(nnx.Module):
         dtype: Any,
         rngs: nnx.Rngs,
     ):
-        self.block = nnx.List(
-            [
-                ResnetBlock(c, out_ch, temb_ch, dropout=dropout, dtype=dtype, rngs=rngs)
-                for c in block_in_channels
-            ]
-        )
-        self.attn = nnx.List(
-            [AttnBlock(out_ch, dtype=dtype, rngs=rngs) for _ in block_in_channels] if with_attn else []
-        )
+        self.block, self.attn = _blocks_and_attention(
+            block_in_channels, out_ch, temb_ch, with_attn=with_attn, dropout=dropout, dtype=dtype,
+            rngs=rngs)
         self.upsample = _conv3x3(out_ch, out_ch, dtype=dtype, rngs=rngs) if with_upsample else None
 
 
