@@ -60,11 +60,9 @@ SAMPLE_BATCH = 256
 
 
 def libtpu_available() -> bool:
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
 
 
 def tpu_devices(topology: str) -> list:
@@ -186,7 +184,11 @@ def summarize(compiled, topology: str) -> dict[str, Any]:
         "fits": memory["peak_estimate_bytes"] <= spec.hbm_bytes_per_device,
         "xla_flops_per_step_per_device": costs["flops"],
         "xla_bytes_per_step_per_device": costs["bytes_accessed"],
-        "estimated_s_per_step": costs["optimal_seconds"],
+        # libtpu's cost model only knows some chips; for others (v4 here) it returns a negative
+        # placeholder, which is no estimate.
+        "estimated_s_per_step": (costs["optimal_seconds"]
+                                 if costs["optimal_seconds"] and costs["optimal_seconds"] > 0
+                                 else None),
         "memory": memory,
     }
 
