@@ -123,7 +123,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 # XLA:CPU runs most fusions of one device's program on one thread; with one CPU device per core
-# (data-parallel over the cores) the digits train step ran 1.6x faster on 2 cores
+# (data-parallel over the cores) the digits train step ran 1.2x (idle) to 1.6x (loaded) faster on 2 cores
 # (benchmarks/README.md). At most 4, a power of two, so the usual batch sizes (64, 100, 128, 256)
 # still divide. No effect on TPU/GPU backends, and none when XLA_FLAGS already sets a count.
 MAX_CPU_DEVICES = 4
