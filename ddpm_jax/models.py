@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ddpm_jax import unet
+from ddpm_jax import unet, validate
 
 Params = dict[str, Any]
 
@@ -28,15 +28,8 @@ def output_channels(config) -> int:
 
 def create_model(config, seed: int | None = None) -> unet.UNet:
     """The UNet of `config.model`, initialised like the original (reference §1.2)."""
+    validate.check_model_shape(config)
     model_config = config.model
-    if config.data.image_size % 2 ** (len(model_config.ch_mult) - 1):
-        raise ValueError(
-            f"data.image_size={config.data.image_size} cannot be halved "
-            f"{len(model_config.ch_mult) - 1} times by model.ch_mult={tuple(model_config.ch_mult)}; "
-            f"use an image size divisible by {2 ** (len(model_config.ch_mult) - 1)}.")
-    if model_config.ch % 32:
-        raise ValueError(f"model.ch={model_config.ch} must be a multiple of 32 (GroupNorm uses "
-                         "32 groups); set --config.model.ch to e.g. 32, 64 or 128.")
     return unet.UNet(
         ch=model_config.ch,
         ch_mult=tuple(model_config.ch_mult),
