@@ -37,7 +37,10 @@ _pending_step: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = (
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(workdir, "checkpoints")
+    """`<workdir>/checkpoints`, absolute for local paths (Orbax's array writer requires it, and
+    `--workdir runs/x` is the common way to name one); `gs://...` stays as it is."""
+    directory = os.path.join(workdir, "checkpoints")
+    return directory if "://" in directory else os.path.abspath(directory)
 
 
 def make_manager(workdir: str, training_config=None, *, read_only: bool = False

@@ -111,3 +111,20 @@ def test_full_disk_while_saving_is_one_error_and_keeps_earlier_checkpoints(tmp_p
     main.run_or_exit("train", config, workdir)
     assert sorted(checkpointing.make_manager(workdir, read_only=True).all_steps()) == [2, 4]
     assert int(_restore(workdir, config, 4).step) == 4
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    """`--workdir runs/x` (the README's form): Orbax writes arrays only under absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config()
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    manager = checkpointing.make_manager("runs/x", config.training)
+    checkpointing.save(manager, 2, state, config)
+    checkpointing.wait_until_finished(manager)
+    assert os.path.isdir(tmp_path / "runs" / "x" / "checkpoints" / "2")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, step = checkpointing.restore(checkpointing.make_manager("runs/x", read_only=True),
+                                           abstract, config)
+    assert step == 2
+    for key in state:
+        np.testing.assert_array_equal(np.asarray(restored[key]), state[key])
