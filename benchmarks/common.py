@@ -173,50 +173,82 @@ def config_summary(config) -> dict[str, Any]:
             "num_res_blocks": m.num_res_blocks, "dtype": m.dtype, "dropout": m.dropout}
 
 
-def hlo_op_categories(hlo_text: str) -> dict[str, str]:
-    """Instruction name → what it does, from a compiled module's text (`compiled.as_text()`).
+def _conv_kind(op_name: str) -> str:
+    if "conv_kernel_gradient" in op_name:
+        return "convolution: kernel gradient"
+    if "conv_input_gradient" in op_name:
+        return "convolution: input gradient"
+    if "transpose(" in op_name:
+        return "convolution: gradient (XLA's own)"
+    return "convolution: forward"
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
+    """Instruction name → (what it does, FLOPs of its convolution or 0), from `compiled.as_text()`.
 
     Fusions are labelled by the heaviest operation they call (convolution > dot > other), so
-    time can be attributed to convolutions, matmuls and elementwise/reduction work.
+    time can be attributed to convolutions, matmuls and elementwise/reduction work. Convolutions
+    are split into forward, input-gradient and kernel-gradient by the named scopes of
+    `ddpm_jax/conv.py`. Their FLOPs are 2 · output size · window size · input features (zeros
+    inserted by an input dilation included).
     """
+    import math
     import re
 
-    instruction = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([a-z][\w\-]*)\(")
+    instruction = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s[^=]*?([a-z][\w\-]*)\(")
     computation = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-    called = re.compile(r"calls=%?([\w.\-]+)")
     opcodes: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
     calls: dict[str, str] = {}
-    contents: dict[str, set[str]] = {}
-    current = None
+    bodies: dict[str, set[str]] = {}  # computation → opcodes in it
+    conv_lines: list[tuple[str, str, str]] = []  # (computation, name, line)
+    current = ""
     for line in hlo_text.splitlines():
         match = computation.match(line)
         if match and "=" not in line.split("{")[0]:
             current = match.group(1)
-            contents[current] = set()
+            bodies[current] = set()
             continue
         match = instruction.match(line)
         if not match:
             continue
-        name, opcode = match.groups()
+        name, shape, opcode = match.groups()
         opcodes[name] = opcode
-        if current is not None:
-            contents[current].add(opcode)
-        target = called.search(line)
+        bodies.setdefault(current, set()).add(opcode)
+        shape_dims = re.search(r"\[([\d,]+)\]", shape)
+        if shape_dims:
+            shapes[name] = [int(d) for d in shape_dims.group(1).split(",")]
+        target = re.search(r"calls=%?([\w.\-]+)", line)
         if target:
             calls[name] = target.group(1)
+        if opcode == "convolution":
+            conv_lines.append((current, name, line))
 
-    def label(name: str) -> str:
-        opcode = opcodes.get(name, "")
-        body = contents.get(calls.get(name, ""), set())
-        if opcode == "convolution" or "convolution" in body:
-            return "convolution"
-        if opcode == "dot" or "dot" in body:
-            return "dot"
-        if opcode in ("fusion", ""):
-            return "fusion (elementwise/reduce)" if opcode else "other"
-        return opcode
+    convs: dict[str, tuple[str, float]] = {}  # conv instruction or its computation → (kind, flops)
+    for comp, name, line in conv_lines:
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        operands = re.search(r"convolution\(%?([\w.\-]+), %?([\w.\-]+)\)", line)
+        window = re.search(r"size=([\dx]+)", line)
+        labels = re.search(r"dim_labels=\w+_(\w+)->", line)
+        flops = 0.0
+        if operands and window and labels and name in shapes and operands.group(2) in shapes:
+            in_features = shapes[operands.group(2)][labels.group(1).index("i")]
+            taps = math.prod(int(v) for v in window.group(1).split("x"))
+            flops = 2.0 * math.prod(shapes[name]) * taps * in_features
+        convs[name] = convs[comp] = (_conv_kind(op_name.group(1) if op_name else ""), flops)
 
-    return {name: label(name) for name in opcodes}
+    result: dict[str, tuple[str, float]] = {}
+    for name, opcode in opcodes.items():
+        callee = calls.get(name, "")
+        if name in convs or callee in convs:
+            result[name] = convs.get(name) or convs[callee]
+        elif opcode == "dot" or "dot" in bodies.get(callee, set()):
+            result[name] = ("dot", 0.0)
+        elif opcode == "fusion":
+            result[name] = ("fusion (elementwise/reduce)", 0.0)
+        else:
+            result[name] = (opcode, 0.0)
+    return result
 
 
 def profile_ops(run: Callable[[], Any], log_dir: str, hlo_text: str, top: int = 12
@@ -247,18 +279,25 @@ def profile_ops(run: Callable[[], Any], log_dir: str, hlo_text: str, top: int = 
         op = (event.get("args") or {}).get("hlo_op")
         if op and event.get("ph") == "X":
             per_op[op] = per_op.get(op, 0.0) + event["dur"] * 1e-6
-    categories = hlo_op_categories(hlo_text)
-    by_category: dict[str, float] = {}
+    ops = hlo_ops(hlo_text)
+    by_category: dict[str, dict[str, float]] = {}
     for op, seconds in per_op.items():
-        category = categories.get(op, "other")
-        by_category[category] = by_category.get(category, 0.0) + seconds
+        category, flops = ops.get(op, ("other", 0.0))
+        entry = by_category.setdefault(category, {"s": 0.0, "gflop": 0.0})
+        entry["s"] += seconds
+        entry["gflop"] += flops / 1e9
     total = sum(per_op.values()) or 1.0
+    for entry in by_category.values():
+        entry["share"] = entry["s"] / total
+        if entry["gflop"]:
+            entry["gflop_per_s"] = entry["gflop"] / entry["s"]
+        else:
+            del entry["gflop"]
     return {
         "wall_s": wall,
         "op_time_s": total,
-        "by_category": {k: {"s": v, "share": v / total}
-                        for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
-        "top_ops": [{"op": op, "category": categories.get(op, "other"), "s": s, "share": s / total}
+        "by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1]["s"])),
+        "top_ops": [{"op": op, "category": ops.get(op, ("other", 0.0))[0], "s": s, "share": s / total}
                     for op, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]],
         "trace": path,
     }

@@ -174,6 +174,28 @@ class TorchSampler:
         return x
 
 
+_TORCH_CATEGORIES = {
+    "aten::mkldnn_convolution": "convolution: forward",
+    "aten::convolution_backward": "convolution: input and kernel gradients",
+    "aten::mm": "dot", "aten::addmm": "dot", "aten::bmm": "dot", "aten::baddbmm": "dot",
+}
+
+
+def profile_categories(run, steps: int) -> dict[str, float]:
+    """Self CPU seconds per step of `run()` (doing `steps` steps), by op category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    seconds: dict[str, float] = {}
+    for event in prof.key_averages():
+        category = _TORCH_CATEGORIES.get(event.key)
+        if category is None:
+            category = "attention" if "scaled_dot_product" in event.key else "other"
+        seconds[category] = seconds.get(category, 0.0) + event.self_cpu_time_total * 1e-6 / steps
+    return dict(sorted(seconds.items(), key=lambda kv: -kv[1]))
+
+
 def set_threads(threads: int) -> None:
     import torch
 
@@ -192,6 +214,8 @@ def main(argv=None) -> None:
                         help="train steps, or reverse-chain steps, per timed repetition")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="train: also print PyTorch's own time per op category (torch.profiler)")
     args = parser.parse_args(argv)
     common.setup_environment()
     import torch
@@ -207,6 +231,10 @@ def main(argv=None) -> None:
                      "batch": args.batch, "steps_per_rep": args.steps, **timing,
                      "images_per_s": args.batch / per_step, "steps_per_s": 1 / per_step,
                      "threads": torch.get_num_threads(), "peak_rss_bytes": common.peak_rss_bytes()})
+        if args.profile:
+            common.emit({"bench": "train", "impl": "torch", "config": args.config,
+                         "profile_s_per_step": profile_categories(lambda: trainer.run(args.steps),
+                                                                  args.steps)})
     else:
         sampler = TorchSampler(config, args.batch, args.method, args.steps)
         sampler.run()

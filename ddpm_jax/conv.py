@@ -59,15 +59,18 @@ def _backward(strides, padding, precision, residuals, g):
     input_padding = tuple(
         (k - 1 - lo, k - 1 - hi + (size + lo + hi - k) % s)
         for k, size, s, (lo, hi) in zip((kh, kw), x.shape[1:3], strides, padding))
-    w_flipped = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [kh, kw, o, i]
-    dx = lax.conv_general_dilated(g, w_flipped.astype(g.dtype), (1, 1), input_padding,
-                                  lhs_dilation=strides, dimension_numbers=_NHWC,
-                                  precision=precision).astype(x.dtype)
-    x_t = jnp.transpose(x, (3, 1, 2, 0))  # [i, H, W, b]
-    g_t = jnp.transpose(g, (1, 2, 0, 3))  # [Ho, Wo, b, o]
-    dw = lax.conv_general_dilated(x_t, g_t, (1, 1), padding, rhs_dilation=strides,
-                                  dimension_numbers=_NHWC, precision=precision)
-    dw = jnp.transpose(dw[:, :kh, :kw, :], (1, 2, 0, 3))  # [kh, kw, i, o]
+    # The scope names label these ops in profiles (benchmarks/common.py sorts time by them).
+    with jax.named_scope("conv_input_gradient"):
+        w_flipped = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [kh, kw, o, i]
+        dx = lax.conv_general_dilated(g, w_flipped.astype(g.dtype), (1, 1), input_padding,
+                                      lhs_dilation=strides, dimension_numbers=_NHWC,
+                                      precision=precision).astype(x.dtype)
+    with jax.named_scope("conv_kernel_gradient"):
+        x_t = jnp.transpose(x, (3, 1, 2, 0))  # [i, H, W, b]
+        g_t = jnp.transpose(g, (1, 2, 0, 3))  # [Ho, Wo, b, o]
+        dw = lax.conv_general_dilated(x_t, g_t, (1, 1), padding, rhs_dilation=strides,
+                                      dimension_numbers=_NHWC, precision=precision)
+        dw = jnp.transpose(dw[:, :kh, :kw, :], (1, 2, 0, 3))  # [kh, kw, i, o]
     return dx, dw.astype(w.dtype)
 
 

@@ -70,3 +70,30 @@ def test_bfloat16_gradients_keep_their_dtypes():
     for a, b in zip(got, want):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
+
+
+def test_profile_labels_and_flops_of_the_three_convolutions():
+    """benchmarks/common.hlo_ops finds forward, input- and kernel-gradient convolutions by the
+    scopes `conv.py` names, with FLOPs 2·B·H·W·C_in·C_out·k² each (stride 1, SAME)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import common
+
+    batch, size, c_in, c_out = 2, 8, 4, 6
+    x = jnp.ones((batch, size, size, c_in))
+    w = jnp.ones((3, 3, c_in, c_out))
+
+    def loss(x, w):
+        return jnp.sum(rewritten(x, w, (1, 1), ((1, 1), (1, 1))) ** 2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    flops_by_kind = {}
+    for kind, flops in common.hlo_ops(hlo).values():
+        if kind.startswith("convolution"):
+            flops_by_kind[kind] = flops
+    expected = 2 * batch * size * size * c_in * c_out * 9
+    assert flops_by_kind == {"convolution: forward": expected,
+                             "convolution: input gradient": expected,
+                             "convolution: kernel gradient": expected}
