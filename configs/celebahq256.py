@@ -18,6 +18,8 @@ def get_config():
     config.model.ch_mult = (1, 1, 2, 2, 4, 4)
     config.model.dropout = 0.0
     config.diffusion.var_type = "fixedsmall"
+    # The 256 models used `GaussianDiffusion`, which clips the posterior log-variance at log 1e-20.
+    config.diffusion.t0_log_variance = "1e-20"
     config.training.lr = 2e-5
     config.training.batch_size = 64
     config.training.num_steps = 500_000

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.mean_type = "eps"
     diffusion.var_type = "fixedlarge"
     diffusion.loss_type = "mse"
+    diffusion.t0_log_variance = "beta_tilde_1"  # log β̃_0 := log β̃_1 (GaussianDiffusion2); or "1e-20"
 
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128  # global, over all devices of all hosts

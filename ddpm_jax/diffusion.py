@@ -24,6 +24,9 @@ MEAN_TYPES = ("eps", "xstart", "xprev")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "l1", "kl")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
+# What log β̃_0 (β̃_0 = 0) is replaced by: "beta_tilde_1", log β̃_1 as `GaussianDiffusion2`
+# (CIFAR10); "1e-20", log max(β̃_t, 1e-20) as `GaussianDiffusion` (the 256×256 models).
+T0_LOG_VARIANCES = ("beta_tilde_1", "1e-20")
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -105,14 +108,17 @@ class Schedule(NamedTuple):
         return int(self.betas.shape[0])
 
 
-def make_schedule(betas: np.ndarray) -> Schedule:
+def make_schedule(betas: np.ndarray, t0_log_variance: str = "beta_tilde_1") -> Schedule:
     """All schedule constants from β (Eqs. 4, 6, 7), computed in float64 then cast to float32.
 
     ᾱ_t = Π_{s≤t}(1-β_s); β̃_t = β_t (1-ᾱ_{t-1})/(1-ᾱ_t);
     μ̃_t = [β_t √ᾱ_{t-1}/(1-ᾱ_t)] x_0 + [(1-ᾱ_{t-1}) √α_t/(1-ᾱ_t)] x_t.
-    β̃_0 = 0, so its log is replaced by log β̃_1 (original code); the fixedlarge log-variance
-    likewise uses log β̃_1 at t = 0 "to get a better decoder log likelihood".
+    β̃_0 = 0, so the clipped posterior log-variance replaces its log: by log β̃_1 for
+    ``t0_log_variance="beta_tilde_1"`` (`GaussianDiffusion2`, CIFAR10), by log 1e-20 for
+    ``"1e-20"`` (`GaussianDiffusion`, the 256×256 models: log max(β̃_t, 1e-20)). The fixedlarge
+    log-variance uses log β̃_1 at t = 0 "to get a better decoder log likelihood".
     """
+    _check_choice(t0_log_variance, T0_LOG_VARIANCES, "t0_log_variance")
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
         raise ValueError("betas must be a 1-D array with values in (0, 1]")
@@ -132,7 +138,9 @@ def make_schedule(betas: np.ndarray) -> Schedule:
         sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
         sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
         posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=np.log(np.append(posterior_variance_1, posterior_variance[1:])),
+        posterior_log_variance_clipped=(
+            np.log(np.append(posterior_variance_1, posterior_variance[1:]))
+            if t0_log_variance == "beta_tilde_1" else np.log(np.maximum(posterior_variance, 1e-20))),
         posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
         posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
         fixedlarge_log_variance=np.log(np.append(posterior_variance_1, betas[1:])),
@@ -141,14 +149,15 @@ def make_schedule(betas: np.ndarray) -> Schedule:
 
 
 def schedule_from_config(diffusion_config: Any) -> Schedule:
-    """Schedule from the ``diffusion`` config section (num_timesteps, beta_schedule, beta_start, beta_end)."""
+    """Schedule from the ``diffusion`` config section (num_timesteps, beta_schedule, beta_start,
+    beta_end, t0_log_variance)."""
     betas = get_beta_schedule(
         diffusion_config.beta_schedule,
         beta_start=diffusion_config.beta_start,
         beta_end=diffusion_config.beta_end,
         num_timesteps=diffusion_config.num_timesteps,
     )
-    return make_schedule(betas)
+    return make_schedule(betas, diffusion_config.get("t0_log_variance", "beta_tilde_1"))
 
 
 # --------------------------------------------------------------------------------------

@@ -681,3 +681,22 @@ def test_calc_bpd_loop_uses_fresh_noise_per_timestep():
         np.testing.assert_allclose(out["mse"][:, t], np.mean((np.asarray(pred_xstart) - np.asarray(x0)) ** 2, axis=(1, 2, 3)), rtol=1e-5)
     # Different timesteps saw different noise, so no two KL columns coincide.
     assert len(np.unique(np.round(np.asarray(out["terms_bpd"][0, 1:]), 6))) == num_timesteps - 1
+
+
+@pytest.mark.parametrize("config_name, expected_t0", [
+    ("cifar10", math.log(5.4532e-5)),  # GaussianDiffusion2: log β̃_1 (reference numbers)
+    ("celebahq256", math.log(1e-20)),  # GaussianDiffusion: log max(β̃_0, 1e-20)
+    ("lsun_church", math.log(1e-20)),
+])
+def test_posterior_log_variance_at_t0_follows_each_models_original(config_name, expected_t0):
+    import importlib
+
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    schedule = D.schedule_from_config(config.diffusion)
+    got = np.asarray(schedule.posterior_log_variance_clipped, np.float64)
+    # β̃_t = β_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t) in float64, written out here independently.
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    abar = np.cumprod(1.0 - betas)
+    beta_tilde = betas[1:] * (1.0 - abar[:-1]) / (1.0 - abar[1:])
+    np.testing.assert_allclose(got[0], expected_t0, rtol=2e-5)
+    np.testing.assert_allclose(got[1:], np.log(beta_tilde), rtol=1e-6)
