@@ -1,14 +1,13 @@
 """The data-parallel train step: `jax.shard_map` over the `data` mesh inside `jax.jit`.
 
-Each device takes its slice of the global batch and computes its own loss and gradient, like
-one of the original's 8 TPU replicas; gradients are clipped per device (`clip_mode=per_device`,
-the original) or after averaging (`global`), averaged with `lax.pmean`, and every device applies
-the same Adam update and EMA to its replicated copy of the state.
+Each device takes its slice of the global batch and computes its loss; `gradients.py` turns it
+into the step's gradient (clipped per group of examples, averaged over all devices), and every
+device applies the same Adam update and EMA to its replicated copy of the state.
 
 Randomness is never carried in the state: the step's key is `fold_in(seed_key, step)`, and the
 timestep, noise and flip of each example are drawn from `fold_in(step_key, global example
 index)`, so they do not depend on how many devices share the batch; dropout draws from
-`fold_in(step_key, −1 − device index)`. A resumed run therefore continues exactly.
+`fold_in(step_key, −1 − clipping group index)`. A resumed run therefore continues exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ddpm_jax import diffusion, models, optim, unet
+from ddpm_jax import diffusion, gradients, models, optim, unet
 from ddpm_jax.parallel import DATA_AXIS, replicated
 
 NUM_QUARTILES = 4
@@ -165,21 +164,22 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
     class_dropout = float(config.model.get("class_dropout", 0.0))
     if unet.is_conditional(num_classes) and not 0.0 <= class_dropout < 1.0:
         raise ValueError(f"model.class_dropout={class_dropout} must be in [0, 1).")
-    if tc.clip_mode not in ("per_device", "global"):
+    if tc.clip_mode not in gradients.CLIP_MODES:
         raise ValueError(f"training.clip_mode={tc.clip_mode!r} is unknown; "
-                         "use 'per_device' or 'global'.")
+                         f"use one of {', '.join(gradients.CLIP_MODES)}.")
 
     def device_step(state: TrainState, images: jax.Array, labels: jax.Array,
                     seed_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         device = lax.axis_index(DATA_AXIS)
         local_batch = images.shape[0]
+        num_devices = lax.axis_size(DATA_AXIS)
+        layout = gradients.group_layout(tc, local_batch * num_devices, num_devices)
         step_key = jax.random.fold_in(seed_key, state.step)
         t, noise, flip = per_example_randomness(
             step_key, device * local_batch, local_batch, images.shape[1:], num_timesteps)
         x_start = scale_images(images)
         if config.data.random_flip:
             x_start = random_flip(x_start, flip)
-        dropout_key = jax.random.fold_in(step_key, -1 - device)
         if unet.is_conditional(num_classes) and class_dropout > 0:
             labels = drop_labels(step_key, device * local_batch, labels, num_classes,
                                  class_dropout)
@@ -187,16 +187,10 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
         # Differentiate w.r.t. a device-varying copy of the replicated params, so each device
         # gets its own gradient (shard_map would otherwise psum the gradient of an invariant).
         params = lax.pcast(state.params, DATA_AXIS, to="varying")
-        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, x_start, labels, t, noise, dropout_key)
-        if tc.clip_mode == "per_device":
-            grads, grad_norm = optim.clip_by_global_norm(grads, tc.grad_clip)
-            grads = lax.pmean(grads, DATA_AXIS)
-            grad_norm = lax.pmean(grad_norm, DATA_AXIS)
-        else:
-            grads = lax.pmean(grads, DATA_AXIS)
-            grads, grad_norm = optim.clip_by_global_norm(grads, tc.grad_clip)
-        loss = lax.pmean(loss, DATA_AXIS)
+        grads, grad_norm, losses = gradients.clipped_mean_gradient(
+            loss_fn, params, (x_start, labels, t, noise), step_key, layout=layout,
+            grad_clip=tc.grad_clip, device=device, num_devices=num_devices)
+        loss = lax.pmean(jnp.mean(losses), DATA_AXIS)
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

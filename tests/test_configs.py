@@ -30,7 +30,7 @@ def test_cifar10_is_the_papers_recipe():
     t = c.training
     assert (t.batch_size, t.lr, t.warmup_steps, t.num_steps) == (128, 2e-4, 5000, 800_000)
     assert (t.adam_b1, t.adam_b2, t.adam_eps, t.adam_eps_style) == (0.9, 0.999, 1e-8, "tf")
-    assert (t.grad_clip, t.clip_mode, t.ema_decay) == (1.0, "per_device", 0.9999)
+    assert (t.grad_clip, t.clip_mode, t.clip_group_size, t.ema_decay) == (1.0, "group", 16, 0.9999)
     assert c.eval.num_samples == 50_000
 
 
