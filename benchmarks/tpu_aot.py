@@ -13,7 +13,7 @@ once, so for the scanned programs that is the time of one optimizer step / one d
 the paper's TPU v3-8 figures are 47.6 ms per train step and 17 s / 1000 = 17 ms per denoising
 step of a 256 batch. The cost model's figure is an idealised lower bound, not a measurement.
 
-    python benchmarks/tpu_aot.py                      # v3-8, v4-8, v5e-8; train and sample
+    python benchmarks/tpu_aot.py                      # v3-8, v4-8, v5e-8, v6e-8; train and sample
     python benchmarks/tpu_aot.py --topologies v3-8 --programs train --set model.dtype=bfloat16
 """
 
@@ -53,6 +53,9 @@ TOPOLOGIES = {
     # 8 chips of 1 TensorCore, 16 GiB of HBM each, on one host.
     "v5e-8": Topology("v5e:2x4", {"chips_per_host_bounds": (2, 4, 1)}, 16 * GIB,
                       "8 chips, 8 devices, 16 GiB HBM each"),
+    # Trillium: 8 chips of 1 TensorCore, 32 GiB of HBM each, on one host.
+    "v6e-8": Topology("v6e:2x4", {"chips_per_host_bounds": (2, 4, 1)}, 32 * GIB,
+                      "8 chips, 8 devices, 32 GiB HBM each"),
 }
 
 TRAIN_GLOBAL_BATCH = 128
@@ -197,7 +200,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="cifar10")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--topologies", default="v3-8,v4-8,v5e-8")
+    parser.add_argument("--topologies", default="v3-8,v4-8,v5e-8,v6e-8")
     parser.add_argument("--programs", default="train,sample")
     parser.add_argument("--effort", type=float, default=0.0,
                         help="XLA exec_time_optimization_effort in [-1, 1]; -1 compiles ~2x faster")
