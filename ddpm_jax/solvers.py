@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from ddpm_jax.diffusion import DenoiseFn
 from ddpm_jax.samplers import _num_progress_slots, _record_xstart
@@ -39,7 +40,7 @@ MAX_ORDER = 3
 # --------------------------------------------------------------------------------------
 
 
-def _table(alphas_cumprod) -> np.ndarray:
+def _table(alphas_cumprod: ArrayLike) -> np.ndarray:
     table = np.asarray(jax.device_get(alphas_cumprod), dtype=np.float64)
     if table.ndim != 1 or table.shape[0] < 2 or not np.all((table > 0) & (table < 1)):
         raise ValueError("alphas_cumprod must be a 1-D table of at least 2 values in (0, 1)")
@@ -59,7 +60,7 @@ def log_snr(alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         return np.log(alpha) - np.log(sigma)
 
 
-def solver_timesteps(alphas_cumprod, num_steps: int, spacing: str = "linspace") -> np.ndarray:
+def solver_timesteps(alphas_cumprod: ArrayLike, num_steps: int, spacing: str = "linspace") -> np.ndarray:
     """The S = ``num_steps`` model-evaluation timesteps t_0 > … > t_{S-1} (int32) of the table.
 
     Uniform in t (Lin et al. 2024, Table 2, as diffusers' multistep schedulers write them, with S+1
@@ -219,7 +220,7 @@ def step_orders(num_steps: int, order: int, lower_order_final: bool, to_data: bo
     return orders
 
 
-def _grid(alphas_cumprod, num_steps: int, spacing: str, final_timestep: int
+def _grid(alphas_cumprod: ArrayLike, num_steps: int, spacing: str, final_timestep: int
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(model timesteps [S], λ, α, σ at the S + 1 grid points t_0 > … > t_{S-1} > final)."""
     table = _table(alphas_cumprod)
@@ -293,7 +294,7 @@ def _multistep_scan(
 
 def dpm_solver_sample(
     eps_fn: DenoiseFn,
-    alphas_cumprod,
+    alphas_cumprod: ArrayLike,
     x_T: jax.Array,
     *,
     num_steps: int,
@@ -328,7 +329,7 @@ def dpm_solver_sample(
 
 def unipc_sample(
     eps_fn: DenoiseFn,
-    alphas_cumprod,
+    alphas_cumprod: ArrayLike,
     x_T: jax.Array,
     *,
     num_steps: int,
