@@ -6,6 +6,8 @@ weights — and, for the order of accuracy, the closed-form probability-flow ODE
 data (float64).
 """
 
+import functools
+import json
 import math
 import os
 import subprocess
@@ -160,28 +162,26 @@ def assert_parity(ours, reference):
     assert np.abs(ours - reference).max() <= PARITY * scale
 
 
-@pytest.mark.parametrize("num_steps", [10, 25])
-@pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("order", [1, 2, 3])
-def test_dpm_solver_matches_diffusers(alphas_cumprod, unet_eps, x_T, order, clip, num_steps):
-    eps_fn, numpy_eps = unet_eps
-    reference = run_diffusers(dpm_reference(order, clip), numpy_eps, x_T, num_steps)
-    # diffusers lowers the order of the last two steps only below 15 steps.
-    ours = jax.jit(lambda x: S.dpm_solver_sample(
-        eps_fn, alphas_cumprod, x, num_steps=num_steps, order=order, spacing="linspace",
-        clip_denoised=clip, lower_order_final=num_steps < 15, third_order="reference_code"))(x_T)
-    assert_parity(ours, reference)
+def matched_solver(name, num_steps, order, clip):
+    """(diffusers scheduler, our sampler with the settings that match it)."""
+    if name == "dpm_solver":
+        # diffusers lowers the order of the last two steps only below 15 steps.
+        return dpm_reference(order, clip), functools.partial(
+            S.dpm_solver_sample, lower_order_final=num_steps < 15, third_order="reference_code")
+    return unipc_reference(order, clip), functools.partial(
+        S.unipc_sample, lower_order_final=True, variant="bh2")
 
 
 @pytest.mark.parametrize("num_steps", [10, 25])
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_unipc_matches_diffusers(alphas_cumprod, unet_eps, x_T, order, clip, num_steps):
+@pytest.mark.parametrize("name", ["dpm_solver", "unipc"])
+def test_solver_matches_diffusers(alphas_cumprod, unet_eps, x_T, name, order, clip, num_steps):
     eps_fn, numpy_eps = unet_eps
-    reference = run_diffusers(unipc_reference(order, clip), numpy_eps, x_T, num_steps)
-    ours = jax.jit(lambda x: S.unipc_sample(
-        eps_fn, alphas_cumprod, x, num_steps=num_steps, order=order, spacing="linspace",
-        clip_denoised=clip, lower_order_final=True, variant="bh2"))(x_T)
+    scheduler, solver = matched_solver(name, num_steps, order, clip)
+    reference = run_diffusers(scheduler, numpy_eps, x_T, num_steps)
+    ours = jax.jit(lambda x: solver(eps_fn, alphas_cumprod, x, num_steps=num_steps, order=order,
+                                    spacing="linspace", clip_denoised=clip))(x_T)
     assert_parity(ours, reference)
 
 
@@ -309,7 +309,6 @@ def convergence_slopes():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", CONVERGENCE_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=900, check=True)
-    import json
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
