@@ -380,3 +380,13 @@ def test_bad_arguments_are_rejected(alphas_cumprod):
         S.dpm_solver_sample(eps, alphas_cumprod, x, num_steps=10, third_order="fast")
     with pytest.raises(ValueError, match="alphas_cumprod must be"):
         S.unipc_sample(eps, np.ones(10), x, num_steps=5)
+
+
+@pytest.mark.parametrize("solver", [S.dpm_solver_sample, S.unipc_sample])
+def test_extra_output_channels_are_ignored(alphas_cumprod, solver):
+    """A learned-variance model outputs [ε, v]; only the first C channels are ε."""
+    eps = gaussian_eps(alphas_cumprod)
+    with_variance = lambda x, t: jnp.concatenate([eps(x, t), 5.0 + x], axis=-1)
+    x_T = jax.random.normal(jax.random.key(2), (2, 4, 4, 1))
+    run = lambda fn: np.asarray(solver(fn, alphas_cumprod, x_T, num_steps=8, order=2))
+    np.testing.assert_array_equal(run(with_variance), run(eps))
