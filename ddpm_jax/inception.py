@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -516,6 +517,9 @@ def load_inception_params(
             npz_path = cache / f"{source.stem}-{_sha256(source)[:12]}.npz"
             if not npz_path.exists():
                 convert_torch_weights(source, npz_path)
-    with np.load(npz_path) as arrays:
+    if not zipfile.is_zipfile(npz_path):  # np.load would try it as a pickle and say so
+        raise ValueError(f"{npz_path} is not an npz file (np.savez's zip of the Inception "
+                         "tensors); pass the .pth or the .npz made from it")
+    with np.load(npz_path, allow_pickle=False) as arrays:
         state_dict = {name: arrays[name] for name in arrays.files}
     return state_dict_to_params(state_dict, dtype)
