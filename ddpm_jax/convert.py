@@ -34,7 +34,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ddpm_jax import cli, models
+from ddpm_jax import cli, models, torch_file
 from ddpm_jax.unet import UNet, tf_variable_names
 
 # TF layer scope -> diffusers submodule name.
@@ -453,22 +453,11 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
         return {key: f.get_tensor(key) for key in f.keys()}
 
 
-def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ValueError(f"reading {file} needs PyTorch; pip install torch, or convert from "
-                         "a folder saved with safetensors") from e
-    state_dict = torch.load(file, map_location="cpu", weights_only=True)
-    return {key: (value.float() if value.is_floating_point() else value).numpy()
-            for key, value in state_dict.items()}
-
-
 def read_diffusers_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """(config.json as a dict, numpy state dict, weight file) of a diffusers UNet2DModel folder.
 
-    Reads `diffusion_pytorch_model.safetensors` if present (no torch needed), else the PyTorch
-    `.bin`. A damaged file raises ValueError naming it.
+    Reads `diffusion_pytorch_model.safetensors` if present, else the PyTorch `.bin` (neither
+    needs torch). A damaged file raises ValueError naming it.
     """
     folder = _diffusers_model_folder(path)
     config_file = os.path.join(folder, "config.json")
@@ -482,7 +471,7 @@ def read_diffusers_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarr
         raise ValueError(f"{config_file} describes a {class_name}, not a UNet2DModel")
     file = next(os.path.join(folder, f) for f in DIFFUSERS_WEIGHT_FILES
                 if os.path.isfile(os.path.join(folder, f)))
-    reader = _read_safetensors if file.endswith(".safetensors") else _read_torch_bin
+    reader = _read_safetensors if file.endswith(".safetensors") else torch_file.read_state_dict
     try:
         state_dict = reader(file)
     except ValueError:
