@@ -246,18 +246,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             is_zip = f.read(4) == _ZIP_MAGIC
         result, _ = (_read_zip if is_zip else _read_legacy)(path)
+        if not isinstance(result, dict):
+            raise TorchFileError(f"{path} holds a {type(result).__name__}, not a state dict")
+        arrays = {}
+        for name, value in result.items():
+            if not isinstance(name, str) or not isinstance(value, _Tensor):
+                raise TorchFileError(f"{path} is not a state dict of tensors: entry {name!r} "
+                                     f"holds {type(value).__name__}, not a tensor")
+            arrays[name] = _tensor_array(value, name, path)
+        return arrays
     except TorchFileError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError,
             KeyError, IndexError, AttributeError, struct.error, UnicodeDecodeError) as e:
+        # Whatever a damaged or crafted pickle makes the stdlib or numpy raise.
         raise TorchFileError(f"cannot read {path} as a torch.save'd state dict "
                              f"({type(e).__name__}: {e}); it is truncated or not such a file") from e
-    if not isinstance(result, dict):
-        raise TorchFileError(f"{path} holds a {type(result).__name__}, not a state dict")
-    arrays = {}
-    for name, value in result.items():
-        if not isinstance(name, str) or not isinstance(value, _Tensor):
-            raise TorchFileError(f"{path} is not a state dict of tensors: entry {name!r} holds "
-                                 f"{type(value).__name__}, not a tensor")
-        arrays[name] = _tensor_array(value, name, path)
-    return arrays
