@@ -153,9 +153,20 @@ def _fake_inception_state_dict() -> dict[str, torch.Tensor]:
     return state
 
 
-_WITHOUT_TORCH = textwrap.dedent("""
-    import sys
-    sys.modules["torch"] = None  # `import torch` now raises ModuleNotFoundError
+# Prepended to a script: `import torch` fails as if torch were not installed (a meta path
+# finder, so "torch" never appears in sys.modules, which libraries such as scipy inspect).
+_NO_TORCH = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class _NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torch":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.meta_path.insert(0, _NoTorch())
+""")
+
+_WITHOUT_TORCH = _NO_TORCH + textwrap.dedent("""
     import hashlib, pathlib
     import jax, numpy as np
     from ddpm_jax import inception
@@ -216,9 +227,8 @@ def test_eval_loads_inception_pth_without_torch(tmp_path):
                                               np.asarray(leaf), err_msg=str(key))
 
 
-_READ_DIFFUSERS_WITHOUT_TORCH = textwrap.dedent("""
+_READ_DIFFUSERS_WITHOUT_TORCH = _NO_TORCH + textwrap.dedent("""
     import hashlib, json, sys
-    sys.modules["torch"] = None
     from ddpm_jax import convert
 
     _, state_dict, file = convert.read_diffusers_folder(sys.argv[1])
