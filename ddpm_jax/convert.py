@@ -25,14 +25,16 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
-from ddpm_jax import models
+from ddpm_jax import cli, models, torch_file
 from ddpm_jax.unet import UNet, tf_variable_names
 
 # TF layer scope -> diffusers submodule name.
@@ -451,22 +453,11 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
         return {key: f.get_tensor(key) for key in f.keys()}
 
 
-def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ValueError(f"reading {file} needs PyTorch; pip install torch, or convert from "
-                         "a folder saved with safetensors") from e
-    state_dict = torch.load(file, map_location="cpu", weights_only=True)
-    return {key: (value.float() if value.is_floating_point() else value).numpy()
-            for key, value in state_dict.items()}
-
-
 def read_diffusers_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """(config.json as a dict, numpy state dict, weight file) of a diffusers UNet2DModel folder.
 
-    Reads `diffusion_pytorch_model.safetensors` if present (no torch needed), else the PyTorch
-    `.bin`. A damaged file raises ValueError naming it.
+    Reads `diffusion_pytorch_model.safetensors` if present, else the PyTorch `.bin` (neither
+    needs torch). A damaged file raises ValueError naming it.
     """
     folder = _diffusers_model_folder(path)
     config_file = os.path.join(folder, "config.json")
@@ -480,7 +471,7 @@ def read_diffusers_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarr
         raise ValueError(f"{config_file} describes a {class_name}, not a UNet2DModel")
     file = next(os.path.join(folder, f) for f in DIFFUSERS_WEIGHT_FILES
                 if os.path.isfile(os.path.join(folder, f)))
-    reader = _read_safetensors if file.endswith(".safetensors") else _read_torch_bin
+    reader = _read_safetensors if file.endswith(".safetensors") else torch_file.read_state_dict
     try:
         state_dict = reader(file)
     except ValueError:
@@ -597,16 +588,19 @@ def convert(source_format: str, source: str, config, workdir: str) -> tuple[Impo
     if source_format not in SOURCES:
         raise ValueError(f"--from={source_format!r} is unknown; use one of {', '.join(SOURCES)}")
     _check_no_checkpoints(workdir)
+    cli.check_can_create(workdir, "--workdir")
     weights = SOURCES[source_format](source, config)
     return weights, write_checkpoint(weights, config, workdir)
 
 
 def run_cli(source_format: str, source: str, config, workdir: str) -> int:
     """Convert and report on stdout; a user error is one `error: ...` line on stderr, exit 2."""
+    from ddpm_jax.checkpointing import CheckpointWriteError
+
     try:
         weights, directory = convert(source_format, source, config, workdir)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, CheckpointWriteError) as e:
+        print(cli.error_line(e), file=sys.stderr)
         return 2
     print(weights.description)
     print(f"wrote step {weights.step} to {directory}; sample with: python -m ddpm_jax.main "
@@ -614,40 +608,45 @@ def run_cli(source_format: str, source: str, config, workdir: str) -> int:
     return 0
 
 
-def main(argv: list[str]) -> None:
-    from absl import flags, logging
+EXAMPLE = ("python -m ddpm_jax.convert --from tf diffusion_cifar10_model/model.ckpt-790000 "
+           "--config configs/cifar10.py --workdir runs/cifar10_released")
+
+
+def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
+    """This tool's own flags (not absl's global FLAGS), so `main` can run more than once."""
+    flag_values = flags.FlagValues()
+    flags.DEFINE_enum("from", None, list(SOURCES), "Source format: 'tf' (a checkpoint prefix of "
+                      "the original code) or 'diffusers' (a UNet2DModel folder).",
+                      flag_values=flag_values)
+    config_flags.DEFINE_config_file("config", None, "Config of the model the weights belong to "
+                                    "(e.g. configs/cifar10.py).", flag_values=flag_values,
+                                    lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "New directory to write the checkpoint into.",
+                        flag_values=flag_values)
+    return flag_values
+
+
+def main(argv: Sequence[str]) -> NoReturn:
+    """`python -m ddpm_jax.convert`; `argv` as `sys.argv` (the program name first)."""
+    from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     # Keep stderr to our one-line errors: no TF C++ start-up notices (TF only reads files here).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    flag_values = flags.FLAGS
-    if len(argv) != 2:
-        raise _usage_error("pass exactly one source: a TF checkpoint prefix or a diffusers folder")
-    if flag_values.config is None or not flag_values.workdir or flag_values["from"].value is None:
-        raise _usage_error("--from, --config and --workdir are required")
-    sys.exit(run_cli(flag_values["from"].value, argv[1], flag_values.config, flag_values.workdir))
-
-
-def _usage_error(message: str) -> Exception:
-    from absl import app
-
-    return app.UsageError(message)
-
-
-def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    flags.DEFINE_enum("from", None, list(SOURCES), "Source format: 'tf' (a checkpoint prefix of "
-                      "the original code) or 'diffusers' (a UNet2DModel folder).")
-    config_flags.DEFINE_config_file("config", None, "Config of the model the weights belong to "
-                                    "(e.g. configs/cifar10.py).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "New directory to write the checkpoint into.")
+    flag_values = _flag_values(argv)
+    sources = cli.parse_flags(flag_values, argv, __doc__)
+    config = cli.load_config(flag_values)
+    missing = [f"--{name}" for name in ("from", "config", "workdir") if not flag_values[name].value]
+    if missing:
+        cli.exit_with_error(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                            f"required, e.g. {EXAMPLE}")
+    if len(sources) != 1:
+        got = f"got {len(sources)}: {' '.join(sources)}" if sources else "got none"
+        cli.exit_with_error(f"pass exactly one source, a TF checkpoint prefix or a diffusers "
+                            f"folder ({got}), e.g. {EXAMPLE}")
+    sys.exit(run_cli(flag_values["from"].value, sources[0], config, flag_values.workdir))
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    main(sys.argv)

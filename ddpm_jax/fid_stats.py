@@ -7,18 +7,23 @@ Usage:
 A folder is searched recursively for .png/.jpg/.jpeg files (converted to RGB). An npz must hold
 uint8 NHWC images under the key `images` (or as its first array). The output is written by
 `metrics.save_stats` (keys mu, sigma, num_images, meta) and is never overwritten without
-`--overwrite`.
+`--overwrite`. A mistake (a missing flag or path, input that is not images, an output that
+cannot be written) is one `error: ...` line on stderr, exit status 2, and nothing written.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from absl import flags
+
+from ddpm_jax import cli
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -64,6 +69,9 @@ def folder_batches(files: Sequence[Path], batch_size: int) -> Iterator[np.ndarra
 
 def load_npz_images(path: str | Path) -> np.ndarray:
     """uint8 NHWC images from an npz (key `images`, else its first array); gray -> RGB."""
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and say so
+        raise FidStatsError(f"--images={path} is neither a folder nor an npz file (np.savez's "
+                            "zip of arrays); pass a folder of images or an npz of uint8 images")
     try:
         with np.load(path, allow_pickle=False) as data:
             if not data.files:
@@ -147,46 +155,81 @@ def _image_source(images: Path, batch_size: int) -> tuple[Iterable[np.ndarray], 
             raise FidStatsError(f"{images} holds no images")
         batches = (array[i : i + batch_size] for i in range(0, array.shape[0], batch_size))
         return batches, array.shape[0]
-    raise FidStatsError(f"--images {images} is neither a folder nor a file")
+    raise FidStatsError(f"--images={images} does not exist; pass a folder of .png/.jpg/.jpeg "
+                        "images or an npz of uint8 NHWC images")
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ddpm_jax.fid_stats", description=__doc__.split("\n")[0])
-    parser.add_argument("--images", required=True, help="folder of PNG/JPEG images, or an npz of uint8 NHWC images")
-    parser.add_argument("--out", required=True, help="output .npz (mu, sigma, num_images, meta)")
-    parser.add_argument("--inception_weights", default=None, help="pt_inception-2015-12-05-6726825d.pth or converted .npz")
-    parser.add_argument("--cache_dir", default=None, help="weights cache (default ~/.cache/ddpm_jax)")
-    parser.add_argument("--batch_size", type=int, default=200)
-    parser.add_argument("--log_every", type=int, default=10, help="progress line every N batches (0: never)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser.parse_args(argv)
+def _flag_values() -> flags.FlagValues:
+    """This tool's own flags (not absl's global FLAGS), so `main` can run more than once."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("images", None, "Folder of PNG/JPEG images, or an npz of uint8 NHWC "
+                        "images.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output .npz (mu, sigma, num_images, meta).", flag_values=fv)
+    flags.DEFINE_string("inception_weights", None, "pt_inception-2015-12-05-6726825d.pth or its "
+                        "converted .npz (default: download to the cache).", flag_values=fv)
+    flags.DEFINE_string("cache_dir", None, "Weights cache (default ~/.cache/ddpm_jax).",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch_size", 200, "Images per Inception call.", flag_values=fv)
+    flags.DEFINE_integer("log_every", 10, "Progress line every N batches (0: never).",
+                         flag_values=fv)
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing --out.", flag_values=fv)
+    return fv
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.isdir(out):
+        raise FidStatsError(f"--out={out} is a directory; pass a file name such as "
+                            f"{os.path.join(out, 'stats.npz')}")
+    if os.path.exists(out) and not overwrite:
+        raise FidStatsError(f"--out={out} exists; pass --overwrite to replace it")
+    cli.check_can_create(out, "--out")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
+    """`python -m ddpm_jax.fid_stats`; `argv` without the program name (default sys.argv[1:]).
+
+    Returns 0; a mistake is one `error: ...` line on stderr and SystemExit(2), with nothing
+    written to --out.
+    """
+    fv = _flag_values()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest = cli.parse_flags(fv, ["fid_stats", *argv], __doc__, config_flag=None)
+    if rest:
+        cli.exit_with_error(f"unexpected arguments: {' '.join(rest)} (pass the images with "
+                            "--images)")
+    missing = [f"--{name}" for name in ("images", "out") if not fv[name].value]
+    if missing:
+        cli.exit_with_error(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                            "required, e.g. python -m ddpm_jax.fid_stats --images DIR_OR_NPZ "
+                            "--out stats.npz")
     try:
-        out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise FidStatsError(f"{out} exists; pass --overwrite to replace it")
-        if args.batch_size < 1:
-            raise FidStatsError(f"--batch_size must be positive, got {args.batch_size}")
-        batches, total = _image_source(Path(args.images), args.batch_size)
+        _check_out(fv.out, fv.overwrite)
+        if fv.batch_size < 1:
+            raise FidStatsError(f"--batch_size must be positive, got {fv.batch_size}")
+        weights = fv.inception_weights
+        if weights and not os.path.isfile(os.path.expanduser(weights)):
+            raise FidStatsError(f"--inception_weights={weights} does not exist; pass "
+                                "pt_inception-2015-12-05-6726825d.pth (or its .npz), or leave "
+                                "the flag out to download it")
+        batches, total = _image_source(Path(fv.images), fv.batch_size)
 
         from ddpm_jax.inception import load_inception_params
         from ddpm_jax.metrics import save_stats
 
-        params = load_inception_params(args.inception_weights, args.cache_dir)
-        mu, sigma, count = compute_stats(params, batches, args.batch_size, total, args.log_every)
+        try:
+            params = load_inception_params(weights, fv.cache_dir)
+        except ValueError as e:
+            raise FidStatsError(f"--inception_weights={weights}: {e}" if weights else e) from e
+        mu, sigma, count = compute_stats(params, batches, fv.batch_size, total, fv.log_every)
         meta = {
             "num_images": count,
-            "source": str(args.images),
-            "inception_weights": str(args.inception_weights or "default"),
+            "source": str(fv.images),
+            "inception_weights": str(fv.inception_weights or "default"),
         }
-        save_stats(out, mu, sigma, meta)
-    except (FidStatsError, ValueError, RuntimeError, FileNotFoundError) as error:
-        print(f"fid_stats: error: {error}", file=sys.stderr)
-        return 1
-    print(f"fid_stats: wrote {out} ({count} images)", file=sys.stderr)
+        save_stats(fv.out, mu, sigma, meta)
+    except (FidStatsError, ValueError, OSError, RuntimeError) as error:
+        cli.exit_with_error(error)
+    print(f"fid_stats: wrote {fv.out} ({count} images)", file=sys.stderr)
     return 0
 
 

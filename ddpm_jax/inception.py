@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import files
+from ddpm_jax import files, torch_file
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
@@ -452,13 +453,8 @@ def _sha256(path: Path) -> str:
 
 
 def convert_torch_weights(pth_path: str | os.PathLike, npz_path: str | os.PathLike) -> None:
-    """Convert a torch state-dict file to an npz of the same tensors (imports torch lazily)."""
-    import torch  # only needed once, for the conversion
-
-    state_dict = torch.load(pth_path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{pth_path} does not hold a state dict (got {type(state_dict).__name__})")
-    arrays = {name: tensor.detach().cpu().numpy() for name, tensor in state_dict.items()}
+    """Convert a torch state-dict file to an npz of the same tensors (read without torch)."""
+    arrays = torch_file.read_state_dict(pth_path)
     validate_state_dict(arrays)
     files.save_npz(npz_path, **arrays)
 
@@ -492,8 +488,9 @@ def load_inception_params(
 
     Args:
       path: None (use the cache, downloading the standard file on first use), a `.npz` of the
-        torch-named tensors (loaded directly), or a torch state-dict file (`.pth`), converted once
-        to `<cache_dir>/<stem>-<sha256[:12]>.npz` so later runs do not need torch.
+        torch-named tensors (loaded directly), or a torch state-dict file (`.pth`, read without
+        torch by `torch_file`), converted once to `<cache_dir>/<stem>-<sha256[:12]>.npz` so
+        later runs skip the conversion.
       cache_dir: defaults to `~/.cache/ddpm_jax`.
       dtype: params dtype (float64 needs `jax_enable_x64`).
 
@@ -520,6 +517,9 @@ def load_inception_params(
             npz_path = cache / f"{source.stem}-{_sha256(source)[:12]}.npz"
             if not npz_path.exists():
                 convert_torch_weights(source, npz_path)
-    with np.load(npz_path) as arrays:
+    if not zipfile.is_zipfile(npz_path):  # np.load would try it as a pickle and say so
+        raise ValueError(f"{npz_path} is not an npz file (np.savez's zip of the Inception "
+                         "tensors); pass the .pth or the .npz made from it")
+    with np.load(npz_path, allow_pickle=False) as arrays:
         state_dict = {name: arrays[name] for name in arrays.files}
     return state_dict_to_params(state_dict, dtype)

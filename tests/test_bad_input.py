@@ -81,6 +81,9 @@ IN_PROCESS_ROWS = [
      _set(eval__inception_weights="/nonexistent/pt_inception-2015-12-05-6726825d.pth"),
      "trained", {}, "eval.inception_weights='/nonexistent/pt_inception-2015-12-05-6726825d.pth' "
      "does not exist; point --config.eval.inception_weights at the file"),
+    ("inception_weights_not_a_torch_file", "eval",
+     _set(eval__inception_weights=os.path.join(REPO, "pyproject.toml")), "trained", {},
+     "pyproject.toml as a torch.save'd state dict (UnpicklingError: invalid load key, '['.)"),
     ("unknown_mode", "paint", None, "trained", {},
      "--mode='paint' is unknown; use one of train, sample, eval, info."),
     ("no_workdir", "train", None, None, {},

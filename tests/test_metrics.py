@@ -187,6 +187,13 @@ def _write_pngs(folder, images):
         Image.fromarray(image).save(subfolder / f"{index:03d}.png")
 
 
+def _fails(argv):
+    """fid_stats.main(argv) stops with exit status 2 (its one `error:` line is on stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        fid_stats.main(argv)
+    assert exit_info.value.code == 2
+
+
 def test_fid_stats_cli(random_weights, tmp_path, capsys):
     images = np.random.default_rng(11).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
     folder = tmp_path / "images"
@@ -210,7 +217,7 @@ def test_fid_stats_cli(random_weights, tmp_path, capsys):
 
     # Existing output: refused without --overwrite, untouched.
     before = out.read_bytes()
-    assert fid_stats.main(["--images", str(folder), "--out", str(out), *common]) == 1
+    _fails(["--images", str(folder), "--out", str(out), *common])
     error = capsys.readouterr().err.strip()
     assert "exists" in error and "--overwrite" in error and "\n" not in error
     assert out.read_bytes() == before
@@ -230,7 +237,7 @@ def test_fid_stats_cli_input_errors(random_weights, tmp_path, capsys):
 
     empty = tmp_path / "empty"
     (empty / "nested").mkdir(parents=True)
-    assert fid_stats.main(["--images", str(empty), *common]) == 1
+    _fails(["--images", str(empty), *common])
     error = capsys.readouterr().err.strip()
     assert "no .png/.jpg/.jpeg images" in error and str(empty) in error and "\n" not in error
 
@@ -238,15 +245,15 @@ def test_fid_stats_cli_input_errors(random_weights, tmp_path, capsys):
     broken.mkdir()
     (broken / "000.png").write_bytes(b"definitely not a png")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(broken / "001.png")
-    assert fid_stats.main(["--images", str(broken), *common]) == 1
+    _fails(["--images", str(broken), *common])
     error = capsys.readouterr().err.strip()
     assert "cannot read image" in error and "000.png" in error
 
     float_npz = tmp_path / "floats.npz"
     np.savez(float_npz, images=np.zeros((4, 8, 8, 3), np.float32))
-    assert fid_stats.main(["--images", str(float_npz), *common]) == 1
+    _fails(["--images", str(float_npz), *common])
     assert "expected uint8" in capsys.readouterr().err
 
-    assert fid_stats.main(["--images", str(tmp_path / "missing"), *common]) == 1
-    assert "neither a folder nor a file" in capsys.readouterr().err
+    _fails(["--images", str(tmp_path / "missing"), *common])
+    assert "missing does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out.npz").exists()
