@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.mean_type": ("eps", "xstart", "xprev"),
     "diffusion.var_type": ("fixedlarge", "fixedsmall", "learned", "learned_range"),
     "diffusion.loss_type": ("mse", "l1", "kl"),
-    "training.clip_mode": ("per_device", "global"),
+    "training.clip_mode": ("group", "per_device", "global"),
     "training.adam_eps_style": ("tf", "optax"),
     "sample.method": ("ancestral", "ddim"),
     "sample.ddim_skip": ("uniform", "quad"),

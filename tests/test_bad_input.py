@@ -92,7 +92,7 @@ IN_PROCESS_ROWS = [
      "sample.method='plms' is unknown; set --config.sample.method to one of ancestral, ddim."),
     ("unknown_clip_mode", "train", _set(training__clip_mode="layer"), "fresh", {},
      "training.clip_mode='layer' is unknown; set --config.training.clip_mode to one of "
-     "per_device, global."),
+     "group, per_device, global."),
     ("unknown_beta_schedule", "train", _set(diffusion__beta_schedule="sigmoid"), "fresh", {},
      "diffusion.beta_schedule='sigmoid' is unknown"),
     ("unknown_var_type", "sample", _set(diffusion__var_type="fixed"), "trained", {},
