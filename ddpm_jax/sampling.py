@@ -162,12 +162,13 @@ def to_host(x: jax.Array) -> np.ndarray:
 def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
              num_samples: int, key: jax.Array, *, batch_size: int | None = None,
              method: str | None = None, progress_every: int = 0, first_call: int = 0,
-             labels: np.ndarray | None = None
+             labels: np.ndarray | None = None, sample_fn: Callable | None = None
              ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yields (samples, progress or None) per call until `num_samples` are made (last trimmed).
 
     `labels` [num_samples]: the class of each sample for a conditional model (default: one
-    block of rows per class of `sample.labels`, see `labels_per_sample`)."""
+    block of rows per class of `sample.labels`, see `labels_per_sample`). `sample_fn`: a
+    compiled `make_sample_fn` for these settings and `batch_size`, to reuse one."""
     batch_size = batch_size or config.sample.batch_size
     classes = requested_labels(config)
     if labels is None:
@@ -178,8 +179,8 @@ def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
     if classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got "
                          f"{int(labels.min())}..{int(labels.max())}.")
-    sample_fn = make_sample_fn(graphdef, config, mesh, batch_size, method=method,
-                               progress_every=progress_every)
+    sample_fn = sample_fn or make_sample_fn(graphdef, config, mesh, batch_size, method=method,
+                                            progress_every=progress_every)
     num_calls = -(-num_samples // batch_size)
     for call in range(first_call, num_calls):
         call_labels = labels[call * batch_size:(call + 1) * batch_size]
