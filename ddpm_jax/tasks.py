@@ -198,14 +198,14 @@ def load_images(path: str, image_size: int, channels: int, what: str = "sample.i
             raise ValueError(f"{what}={path!r}: 'images' must be uint8 [N, H, W, C], got "
                              f"{images.dtype} {images.shape}.")
     else:
-        from PIL import Image
+        from ddpm_jax.input_pipeline import read_image
 
         try:
-            with Image.open(path) as pil:
-                image = np.asarray(pil.convert("L" if channels == 1 else "RGB"))
+            images = read_image(path, channels)[None]
         except Exception as e:
             raise ValueError(f"cannot read {what}={path!r} as an image ({e}).") from e
-        images = image.reshape(1, image.shape[0], image.shape[1], channels)
+    if not len(images):
+        raise ValueError(f"{what}={path!r} holds no images (shape {images.shape}).")
     if images.shape[1:3] != (image_size, image_size):
         raise ValueError(f"{what}={path!r} is {images.shape[1]}x{images.shape[2]}, the model "
                          f"takes {image_size}x{image_size} images; resize it first.")
@@ -217,7 +217,7 @@ def load_images(path: str, image_size: int, channels: int, what: str = "sample.i
 
 def load_mask(path: str, image_size: int) -> np.ndarray:
     """bool [1, H, W, 1] from an image file: white (≥ 128 grey) = regenerate, black = keep."""
-    from PIL import Image
+    from ddpm_jax.input_pipeline import read_image
 
     if not path:
         raise ValueError("sample.task=inpaint needs --config.sample.mask=PATH (white = "
@@ -225,8 +225,7 @@ def load_mask(path: str, image_size: int) -> np.ndarray:
     if not os.path.exists(path):
         raise ValueError(f"sample.mask={path!r} does not exist.")
     try:
-        with Image.open(path) as pil:
-            grey = np.asarray(pil.convert("L"))
+        grey = read_image(path, 1)[..., 0]
     except Exception as e:
         raise ValueError(f"cannot read sample.mask={path!r} as an image ({e}).") from e
     if grey.shape != (image_size, image_size):
