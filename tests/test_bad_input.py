@@ -107,6 +107,12 @@ IN_PROCESS_ROWS = [
      "--checkpoint=7 is not in"),
     ("sample_without_checkpoint", "sample", None, "fresh", {},
      "; train first (--mode=train) or convert released weights (python -m ddpm_jax.convert)."),
+    ("empty_npz_input", "sample", _set(sample__task="img2img"), "trained", {"npz": "empty"},
+     "as .npz (EOFError: No data left in file); the file is empty, truncated or not an .npz"),
+    ("truncated_npz_input", "sample", _set(sample__task="img2img"), "trained",
+     {"npz": "truncated"}, "as .npz (BadZipFile: File is not a zip file); the file is empty"),
+    ("interpolate_with_num_mix_0", "sample", _set(sample__task="interpolate", sample__num_mix=0),
+     "trained", {"npz": "good"}, "sample.num_mix=0 must be ≥ 2: the mixing weights"),
 ]
 
 
