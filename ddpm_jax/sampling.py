@@ -235,14 +235,15 @@ def output_dir(workdir: str, prefix: str, settings: dict) -> tuple[str, bool]:
     `settings.json`: a run with other settings never replaces earlier results, the same settings
     again give the same folder (and, being deterministic, the same files). A folder of that name
     with other (or no) settings is refused, not overwritten."""
+    from etils import epath  # local paths and gs:// alike, as files.atomic_write writes them
+
     digest = hashlib.sha256(_canonical(settings).encode()).hexdigest()[:10]
     path = os.path.join(workdir, "samples", f"{prefix}_{digest}")
-    settings_path = os.path.join(path, SETTINGS_FILE)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return path, False
     try:
-        with open(settings_path) as f:
-            same = _canonical(json.load(f)) == _canonical(settings)
+        saved = json.loads(epath.Path(path, SETTINGS_FILE).read_text())
+        same = _canonical(saved) == _canonical(settings)
     except (OSError, ValueError):
         same = False
     if not same:

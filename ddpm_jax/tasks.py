@@ -8,8 +8,9 @@ x_0, and t0 = 0 is the image itself with no step at all.
 
 `run(config, workdir)` is the `--mode=sample` driver for `sample.task != "generate"`: it reads
 the inputs (image files or .npz), checks everything before writing anything, and writes
-`input.png`, `output.png`, a `strip.png` of intermediate steps and `outputs.npz` under
-`workdir/samples/<task>_step<step>_seed<seed>/`. On a class-conditional model each input is
+`input.png`, `output.png`, a `strip.png` of intermediate steps, `outputs.npz` and
+`settings.json` under `workdir/samples/<task>_step<step>_seed<seed>[_t<t0>]_<hash>/` (one folder
+per distinct settings and input contents, `sampling.output_dir`). On a class-conditional model each input is
 edited once per label of `sample.labels` (default every class) with guidance
 `sample.guidance_scale`, one output row per label; w = 0 edits it once, unconditionally.
 """
