@@ -97,20 +97,45 @@ class Pipeline:
         For learned variances the output has 2C channels (ε, then the variance part). A batch
         divisible by the number of devices is split over them, otherwise every device runs it.
         """
-        x = jnp.asarray(x, jnp.float32)
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            expected = ", ".join(map(str, self.image_shape))
-            raise ValueError(f"denoise expects x of shape [batch, {expected}] (NHWC), "
-                             f"got {tuple(x.shape)}")
-        t = jnp.asarray(t)
-        if not jnp.issubdtype(t.dtype, jnp.integer):
-            raise ValueError(f"denoise expects integer timesteps, got dtype {t.dtype}")
-        t = jnp.broadcast_to(t.astype(jnp.int32), x.shape[:1])
+        x = self._check_denoise_input(x)
+        t = self._check_timesteps(t, x.shape[0])
         num_devices = self.mesh.devices.size
         sharding = (parallel.data_sharding(self.mesh) if x.shape[0] % num_devices == 0
                     else parallel.replicated(self.mesh))
         x, t = jax.device_put((x, t), sharding)
         return self._apply(self.params, x, t)
+
+    def _check_denoise_input(self, x: Any) -> jax.Array:
+        """x as float32 NHWC of the model's shape; integer pixels (uint8 0..255) are refused, the
+        model takes floats in [-1, 1] (scale with x / 127.5 - 1)."""
+        dtype = x.dtype if isinstance(x, jax.Array) else np.asarray(x).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"denoise expects float images in [-1, 1], got dtype {dtype}; for "
+                             "uint8 pixels pass x / 127.5 - 1.")
+        x = jnp.asarray(x, jnp.float32)
+        size, _, channels = self.image_shape
+        if x.ndim != 4 or tuple(x.shape[1:3]) != (size, size):
+            raise ValueError(f"denoise expects x of shape [batch, {size}, {size}, {channels}] "
+                             f"(NHWC), got {tuple(x.shape)}")
+        if x.shape[3] != channels:
+            raise ValueError(f"denoise: x has {x.shape[3]} channels, the model takes {channels} "
+                             f"(NHWC, shape [batch, {size}, {size}, {channels}])")
+        return x
+
+    def _check_timesteps(self, t: Any, batch: int) -> jax.Array:
+        """t as int32 [batch]: integers in 0..T-1, one or one per image."""
+        values = np.asarray(t)
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"denoise expects integer timesteps, got dtype {values.dtype}")
+        num_timesteps = self.config.diffusion.num_timesteps
+        bad = values[(values < 0) | (values >= num_timesteps)]
+        if bad.size:
+            raise ValueError(f"denoise: timestep {int(bad.flat[0])} is outside the model's "
+                             f"0..{num_timesteps - 1}")
+        if values.ndim > 1 or values.size not in (1, batch):
+            raise ValueError(f"denoise expects t as one integer or {batch} integers (one per "
+                             f"image), got shape {values.shape}")
+        return jnp.broadcast_to(jnp.asarray(values, jnp.int32).reshape(-1), (batch,))
 
     def _sample_config(self, method: str | None, overrides: dict[str, Any]
                        ) -> ml_collections.ConfigDict:
@@ -146,12 +171,11 @@ class Pipeline:
         if cache_key not in self._sample_fns:
             self._sample_fns[cache_key] = sampling.make_sample_fn(
                 self.graphdef, config, self.mesh, batch_size)
-        sample_fn = self._sample_fns[cache_key]
-
         key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
-        parts = []
-        for call in range(-(-n // batch_size)):  # the keying of `sampling.generate`
-            parts.append(sampling.to_host(sample_fn(self.params, jax.random.fold_in(key, call))))
+        # The keying and labels of `--mode=sample` (labels over all n, not per call).
+        parts = [samples for samples, _ in sampling.generate(
+            self.graphdef, self.params, config, self.mesh, n, key, batch_size=batch_size,
+            sample_fn=self._sample_fns[cache_key])]
         samples = np.concatenate(parts)[:n]
         return images.to_uint8(samples) if output == "uint8" else samples
 

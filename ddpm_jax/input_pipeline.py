@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import logging
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class Dataset(NamedTuple):
@@ -86,15 +86,46 @@ def load_digits(image_size: int, channels: int) -> Dataset:
     return Dataset(images, digits.target.astype(np.int32), 10)
 
 
+def _is_hidden(name: str) -> bool:
+    """.DS_Store, macOS `._x.png` resource forks, .ipynb_checkpoints, .git, ..."""
+    return name.startswith(".")
+
+
 def list_image_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
-    """All image files below `folder`, with labels from the first-level subfolder (sorted)."""
+    """Every real image file below `folder` once, with labels from the first-level subfolder
+    (sorted). Symbolic links are followed, but each real directory is walked once (a link to an
+    ancestor would loop) and a file reached by several paths (links, links to outside the
+    tree) counts once: under its own path when it lies in the tree, else under its first
+    path in sorted order. Hidden files and folders are
+    skipped; suffixes match in any case (.PNG, .JPG)."""
     if not os.path.isdir(folder):
         raise ValueError(f"data.folder={folder!r} is not a directory; "
                          "set --config.data.folder to a folder of PNG/JPEG images.")
-    paths: list[str] = []
-    for root, _, files in os.walk(folder, followlinks=True):
-        paths.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES))
-    paths.sort()
+    candidates: list[str] = []
+    walked: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real_root = os.path.realpath(root)
+        if real_root in walked:
+            dirs[:] = []
+            continue
+        walked.add(real_root)
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+        candidates.extend(os.path.join(root, f) for f in files
+                          if not _is_hidden(f) and f.lower().endswith(IMAGE_SUFFIXES))
+    real_folder = os.path.realpath(folder)
+
+    def through_links(path: str) -> bool:
+        return os.path.realpath(path) != os.path.join(real_folder, os.path.relpath(path, folder))
+
+    # Of the paths to one file, the one without links below `folder` (its own class), else the
+    # first in sorted order. A broken link stays in, to be reported as unreadable.
+    chosen: dict[str, str] = {}
+    for path in sorted(candidates, key=lambda p: (through_links(p), p)):
+        chosen.setdefault(os.path.realpath(path), path)
+    paths = sorted(chosen.values())
+    if len(paths) < len(candidates):
+        logging.info("image folder %s: %d paths lead to files already listed (links); each "
+                     "file is used once", folder, len(candidates) - len(paths))
     if not paths:
         raise ValueError(f"data.folder={folder!r} has no images ({', '.join(IMAGE_SUFFIXES)}); "
                          "point --config.data.folder at a folder that has some.")
@@ -105,20 +136,76 @@ def list_image_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, classes
 
 
-def load_image_folder(folder: str, image_size: int, channels: int) -> Dataset:
+def _to_8_bit(pil) -> "Image.Image":
+    """Integer and float modes as 8 bits: 16-bit (I;16*, and I, which 16-bit files decode to)
+    as round(v / 257), so 0..65535 maps onto 0..255 with 257·k → k; floats (F) in [0, 1] as
+    round(255 v). Values outside those ranges are an error rather than a guess."""
     from PIL import Image
 
+    values = np.asarray(pil)
+    if pil.mode == "F":
+        if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise ValueError(f"a float (mode F) image must hold values in [0, 1], this one has "
+                             f"{np.nanmin(values):g}..{np.nanmax(values):g}")
+        return Image.fromarray(np.round(values.astype(np.float64) * 255).astype(np.uint8))
+    values = values.astype(np.int64)
+    if values.min() < 0 or values.max() > 65535:
+        raise ValueError(f"a mode {pil.mode} image must hold 16-bit values 0..65535, this one "
+                         f"has {values.min()}..{values.max()}")
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))  # = round(v / 257)
+
+
+def read_image(path: str, channels: int) -> np.ndarray:
+    """uint8 [H, W, channels] from an image file, upright (EXIF orientation applied).
+
+    8-bit from any mode: 16-bit and float per `_to_8_bit`; transparency (RGBA, LA, PA, P or
+    L/RGB with a transparent colour) composited on white, as a viewer shows it on a page;
+    1-bit, palette, CMYK, YCbCr etc. through Pillow. channels = 1 takes colour as ITU-R 601
+    luma (Pillow's L); channels = 3 repeats grey."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as opened:
+        pil = ImageOps.exif_transpose(opened)
+        pil.load()
+    if pil.mode.startswith("I") or pil.mode == "F":
+        pil = _to_8_bit(pil)
+    if pil.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in pil.info:
+        rgba = pil.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        pil = Image.alpha_composite(white, rgba)
+    image = np.asarray(pil.convert("L" if channels == 1 else "RGB"))
+    return image.reshape(image.shape[0], image.shape[1], channels)
+
+
+MAX_LISTED_FILES = 3
+
+
+def unreadable_files_error(what: str, failures: list[tuple[str, str]]) -> ValueError:
+    """One line naming how many files failed and the first few, each with its reason."""
+    shown = "; ".join(f"{path!r} ({reason})" for path, reason in failures[:MAX_LISTED_FILES])
+    more = len(failures) - MAX_LISTED_FILES
+    return ValueError(f"{len(failures)} file(s) in {what} cannot be read as images: {shown}"
+                      f"{f'; and {more} more' if more > 0 else ''}; remove or fix them.")
+
+
+def load_image_folder(folder: str, image_size: int, channels: int) -> Dataset:
     paths, labels, classes = list_image_folder(folder)
-    images = []
+    images, failures, upscaled = [], [], 0
     for path in paths:
         try:
-            with Image.open(path) as pil:
-                pil = pil.convert("L" if channels == 1 else "RGB")
-                image = np.asarray(pil)
-        except Exception as e:  # a corrupt file names itself
-            raise ValueError(f"cannot read image {path!r} ({e}); remove or fix it.") from e
-        images.append(_to_channels(center_crop_resize(_to_channels(image, channels), image_size),
-                                   channels))
+            image = read_image(path, channels)
+        except Exception as e:  # every broken file is named, not only the first
+            reason = " ".join(str(e).split()) or type(e).__name__
+            failures.append((path, reason[:200]))
+            continue
+        upscaled += min(image.shape[:2]) < image_size
+        images.append(_to_channels(center_crop_resize(image, image_size), channels))
+    if failures:
+        raise unreadable_files_error(f"data.folder={folder!r}", failures)
+    if upscaled:
+        logging.warning("image folder %s: %d of %d images are smaller than data.image_size=%d "
+                        "and were upscaled (blurry); use larger images or a smaller "
+                        "data.image_size", folder, upscaled, len(images), image_size)
     logging.info("image folder %s: %d images, %d classes", folder, len(images), len(classes))
     return Dataset(np.stack(images), np.asarray(labels, np.int32), max(len(classes), 1))
 

@@ -145,18 +145,27 @@ def ancestral_sample(
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int, kind: str = "uniform") -> np.ndarray:
-    """Increasing sub-sequence τ of {0..T-1} used by DDIM (Song et al. 2021, App. D.2 / their code).
+    """Increasing sub-sequence τ of {0..T-1} with exactly S distinct entries, used by DDIM
+    (Song et al. 2021, App. D.2 / their code); the chain starts from x_T at τ_{S-1}.
 
-    uniform: τ_i = i·(T // S), i = 0..S-1 (the DDIM code's ``range(0, T, T // S)``, truncated to S);
-    quad: τ_i = int((i·√(0.8 T)/(S-1))²). The quad sequence can repeat small values when S is large
-    relative to √(0.8 T) exactly as in the DDIM code; a repeated step is harmless (ᾱ_prev = ᾱ_t).
+    uniform: τ_i = ⌊i·T / S⌋, i = 0..S-1: the DDIM code's ``range(0, T, T // S)`` when S divides
+    T (and when T mod S = 1), and for every other S the same rule with the fractional stride T / S,
+    so τ_{S-1} = T - ⌈T / S⌉ always lies within one stride of T-1 (a truncated integer stride
+    started S = 600 at t = 599).
+    quad: τ_i = int((i·√(0.8 T)/(S-1))²) as in the DDIM code, where small i repeat a value once S is
+    large relative to √(0.8 T); each repeat is raised to one past its predecessor
+    (τ_i = max(q_i, τ_{i-1} + 1)), which leaves sequences without repeats unchanged and keeps the
+    start int(0.8 T) while S ≤ that + 1 (beyond, the start is S - 1).
     """
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
     if kind == "uniform":
-        timesteps = np.arange(num_steps) * (num_timesteps // num_steps)
+        timesteps = np.arange(num_steps, dtype=np.int64) * num_timesteps // num_steps
     elif kind == "quad":
-        timesteps = (np.linspace(0.0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
+        quad = (np.linspace(0.0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
+        # max(q_i, τ_{i-1} + 1) for all i at once: τ_i - i is the running maximum of q_i - i.
+        index = np.arange(num_steps)
+        timesteps = np.maximum.accumulate(quad - index) + index
     else:
         raise ValueError(f"unknown DDIM timestep kind {kind!r}")
     return timesteps.astype(np.int32)

@@ -12,6 +12,9 @@ model call per step, in both samplers); `--mode=sample` writes one grid row per 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -162,12 +165,13 @@ def to_host(x: jax.Array) -> np.ndarray:
 def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
              num_samples: int, key: jax.Array, *, batch_size: int | None = None,
              method: str | None = None, progress_every: int = 0, first_call: int = 0,
-             labels: np.ndarray | None = None
+             labels: np.ndarray | None = None, sample_fn: Callable | None = None
              ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yields (samples, progress or None) per call until `num_samples` are made (last trimmed).
 
     `labels` [num_samples]: the class of each sample for a conditional model (default: one
-    block of rows per class of `sample.labels`, see `labels_per_sample`)."""
+    block of rows per class of `sample.labels`, see `labels_per_sample`). `sample_fn`: a
+    compiled `make_sample_fn` for these settings and `batch_size`, to reuse one."""
     batch_size = batch_size or config.sample.batch_size
     classes = requested_labels(config)
     if labels is None:
@@ -178,8 +182,8 @@ def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
     if classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got "
                          f"{int(labels.min())}..{int(labels.max())}.")
-    sample_fn = make_sample_fn(graphdef, config, mesh, batch_size, method=method,
-                               progress_every=progress_every)
+    sample_fn = sample_fn or make_sample_fn(graphdef, config, mesh, batch_size, method=method,
+                                            progress_every=progress_every)
     num_calls = -(-num_samples // batch_size)
     for call in range(first_call, num_calls):
         call_labels = labels[call * batch_size:(call + 1) * batch_size]
@@ -192,6 +196,74 @@ def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
         samples = to_host(samples)[:keep]
         progress = to_host(progress)[:, :keep] if progress is not None else None
         yield samples, progress
+
+
+# Fields of `config.sample` that only editing tasks read; `--mode=sample` generation ignores them.
+EDIT_ONLY_FIELDS = ("task", "input", "input2", "mask", "t0", "strength", "num_mix",
+                    "denoise_steps")
+DDIM_FIELDS = ("ddim_steps", "ddim_eta", "ddim_skip")
+SETTINGS_FILE = "settings.json"
+
+
+def output_settings(config, step: int, num_devices: int, sample: dict) -> dict:
+    """What decides a `--mode=sample` result: the checkpoint step, the device count (x_T and the
+    step noise are keyed per device), the model and diffusion configs and the given
+    `config.sample` fields. Fields not known to be irrelevant are kept, so a new field can only
+    make a new folder, never an overwrite."""
+    return {"step": int(step), "devices": int(num_devices), "sample": sample,
+            "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
+            "data": {"image_size": config.data.image_size, "channels": config.data.channels}}
+
+
+def generate_settings(config, step: int, num_devices: int) -> dict:
+    sample = {k: v for k, v in config.sample.to_dict().items() if k not in EDIT_ONLY_FIELDS}
+    if sample["method"] == "ancestral":
+        sample = {k: v for k, v in sample.items() if k not in DDIM_FIELDS}
+    else:  # DDIM writes no progress strip
+        sample.pop("progress_every", None)
+    return output_settings(config, step, num_devices, sample)
+
+
+def _canonical(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def output_dir(workdir: str, prefix: str, settings: dict) -> tuple[str, bool]:
+    """(`workdir/samples/<prefix>_<hash>`, whether it already holds these settings' results).
+
+    One folder per distinct settings, named by a hash of them, with the settings in
+    `settings.json`: a run with other settings never replaces earlier results, the same settings
+    again give the same folder (and, being deterministic, the same files). A folder of that name
+    with other (or no) settings is refused, not overwritten."""
+    from etils import epath  # local paths and gs:// alike, as files.atomic_write writes them
+
+    digest = hashlib.sha256(_canonical(settings).encode()).hexdigest()[:10]
+    path = os.path.join(workdir, "samples", f"{prefix}_{digest}")
+    if not epath.Path(path).exists():
+        return path, False
+    try:
+        saved = json.loads(epath.Path(path, SETTINGS_FILE).read_text())
+        same = _canonical(saved) == _canonical(settings)
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise ValueError(f"{path} exists but does not hold the results of these settings (its "
+                         f"{SETTINGS_FILE} is missing or differs); move it away or use another "
+                         "--workdir.")
+    return path, True
+
+
+def write_settings(out_dir: str, settings: dict) -> None:
+    from ddpm_jax import files
+
+    files.save_json(os.path.join(out_dir, SETTINGS_FILE), settings)
+
+
+def report_written(what: str, out_dir: str, existed: bool) -> None:
+    if existed:
+        print(f"{out_dir} already held {what} for these settings; rewrote the same results")
+    else:
+        print(f"wrote {what} to {out_dir}")
 
 
 def load_ema_params(config, workdir: str, mesh: Mesh, checkpoint: int | None = None
@@ -216,14 +288,13 @@ def load_ema_params(config, workdir: str, mesh: Mesh, checkpoint: int | None = N
 
 
 def run(config, workdir: str, checkpoint: int | None = None) -> str:
-    """`--mode=sample`: EMA samples → `samples/<step>/samples.npz` (uint8), a grid PNG and,
-    for ancestral sampling with `sample.progress_every`, a denoising strip and GIF.
+    """`--mode=sample`: EMA samples → `samples/<method>_step<step>_seed<seed>[_w<w>]_<hash>/`
+    (see `output_dir`): `samples.npz` (uint8), a grid PNG, `settings.json` and, for ancestral
+    sampling with `sample.progress_every`, a denoising strip and GIF.
 
     A conditional model samples `sample.labels` (default every class) with guidance
     `sample.guidance_scale`, one grid row per class, and saves the labels in the npz; the
     editing tasks (`sample.task != "generate"`) are run by `tasks.run`."""
-    import os
-
     from absl import logging
 
     from ddpm_jax import files, images, parallel
@@ -242,7 +313,8 @@ def run(config, workdir: str, checkpoint: int | None = None) -> str:
     name = f"{sc.method}_step{step:08d}_seed{sc.seed}"
     if classes is not None:
         name += f"_w{guidance_scale(config):g}"
-    out_dir = os.path.join(workdir, "samples", name)
+    settings = generate_settings(config, step, mesh.devices.size)
+    out_dir, existed = output_dir(workdir, name, settings)
     progress_every = sc.progress_every if sc.method == "ancestral" else 0
     key = jax.random.key(sc.seed)
     all_samples, first_progress = [], None
@@ -254,6 +326,7 @@ def run(config, workdir: str, checkpoint: int | None = None) -> str:
         logging.info("sampled %d / %d", sum(len(s) for s in all_samples), sc.num_samples)
     samples_uint8 = np.concatenate(all_samples)
     if jax.process_index() == 0:
+        write_settings(out_dir, settings)
         if labels is None:
             files.save_npz(os.path.join(out_dir, "samples.npz"), images=samples_uint8)
             grid = images.make_grid(samples_uint8[:100])
@@ -268,5 +341,5 @@ def run(config, workdir: str, checkpoint: int | None = None) -> str:
             frames = [images.upscale(images.make_grid(images.to_uint8(p[:16])))
                       for p in first_progress[::-1]]
             images.save_gif(os.path.join(out_dir, "progress.gif"), frames)
-        print(f"wrote {len(samples_uint8)} samples of step {step} to {out_dir}")
+        report_written(f"{len(samples_uint8)} samples of step {step}", out_dir, existed)
     return out_dir

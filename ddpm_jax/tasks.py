@@ -8,8 +8,9 @@ x_0, and t0 = 0 is the image itself with no step at all.
 
 `run(config, workdir)` is the `--mode=sample` driver for `sample.task != "generate"`: it reads
 the inputs (image files or .npz), checks everything before writing anything, and writes
-`input.png`, `output.png`, a `strip.png` of intermediate steps and `outputs.npz` under
-`workdir/samples/<task>_step<step>_seed<seed>/`. On a class-conditional model each input is
+`input.png`, `output.png`, a `strip.png` of intermediate steps, `outputs.npz` and
+`settings.json` under `workdir/samples/<task>_step<step>_seed<seed>[_t<t0>]_<hash>/` (one folder
+per distinct settings and input contents, `sampling.output_dir`). On a class-conditional model each input is
 edited once per label of `sample.labels` (default every class) with guidance
 `sample.guidance_scale`, one output row per label; w = 0 edits it once, unconditionally.
 """
@@ -188,24 +189,30 @@ def load_images(path: str, image_size: int, channels: int, what: str = "sample.i
     if not os.path.exists(path):
         raise ValueError(f"{what}={path!r} does not exist.")
     if path.lower().endswith(".npz"):
-        with np.load(path) as data:
-            if "images" not in data:
-                raise ValueError(f"{what}={path!r} has no array 'images' (keys: {list(data)}).")
-            images = np.asarray(data["images"])
+        try:
+            with np.load(path) as data:
+                keys = list(data)
+                images = np.asarray(data["images"]) if "images" in data else None
+        except Exception as e:  # empty (EOFError), truncated (BadZipFile), corrupt members
+            raise ValueError(f"cannot read {what}={path!r} as .npz ({type(e).__name__}: {e}); "
+                             "the file is empty, truncated or not an .npz, write it again "
+                             "with numpy.savez.") from e
+        if images is None:
+            raise ValueError(f"{what}={path!r} has no array 'images' (keys: {keys}).")
         if images.ndim == 3:
             images = images[None] if images.shape[-1] in (1, 3) else images[..., None]
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"{what}={path!r}: 'images' must be uint8 [N, H, W, C], got "
                              f"{images.dtype} {images.shape}.")
     else:
-        from PIL import Image
+        from ddpm_jax.input_pipeline import read_image
 
         try:
-            with Image.open(path) as pil:
-                image = np.asarray(pil.convert("L" if channels == 1 else "RGB"))
+            images = read_image(path, channels)[None]
         except Exception as e:
             raise ValueError(f"cannot read {what}={path!r} as an image ({e}).") from e
-        images = image.reshape(1, image.shape[0], image.shape[1], channels)
+    if not len(images):
+        raise ValueError(f"{what}={path!r} holds no images (shape {images.shape}).")
     if images.shape[1:3] != (image_size, image_size):
         raise ValueError(f"{what}={path!r} is {images.shape[1]}x{images.shape[2]}, the model "
                          f"takes {image_size}x{image_size} images; resize it first.")
@@ -217,7 +224,7 @@ def load_images(path: str, image_size: int, channels: int, what: str = "sample.i
 
 def load_mask(path: str, image_size: int) -> np.ndarray:
     """bool [1, H, W, 1] from an image file: white (≥ 128 grey) = regenerate, black = keep."""
-    from PIL import Image
+    from ddpm_jax.input_pipeline import read_image
 
     if not path:
         raise ValueError("sample.task=inpaint needs --config.sample.mask=PATH (white = "
@@ -225,8 +232,7 @@ def load_mask(path: str, image_size: int) -> np.ndarray:
     if not os.path.exists(path):
         raise ValueError(f"sample.mask={path!r} does not exist.")
     try:
-        with Image.open(path) as pil:
-            grey = np.asarray(pil.convert("L"))
+        grey = read_image(path, 1)[..., 0]
     except Exception as e:
         raise ValueError(f"cannot read sample.mask={path!r} as an image ({e}).") from e
     if grey.shape != (image_size, image_size):
@@ -292,6 +298,10 @@ def prepare_inputs(config) -> TaskInputs:
     images = load_images(sc.input, data.image_size, data.channels)
     x2 = None
     if task == "interpolate":
+        if sc.num_mix < 2:
+            raise ValueError(f"sample.num_mix={sc.num_mix} must be ≥ 2: the mixing weights "
+                             "linspace(0, 1, num_mix) run from the first image to the second; "
+                             "set --config.sample.num_mix.")
         second = load_images(sc.input2, data.image_size, data.channels, "sample.input2")
         if len(second) != len(images) and 1 not in (len(second), len(images)):
             raise ValueError(f"sample.input has {len(images)} images and sample.input2 "
@@ -371,14 +381,16 @@ def _rows(images_uint8: np.ndarray, num_inputs: int) -> np.ndarray:
     return images.make_grid(images_uint8, columns=num_inputs)
 
 
-def write_outputs(out_dir: str, config, inputs: TaskInputs, results: dict[str, np.ndarray]
-                  ) -> None:
-    """input.png, output.png, strip.png (+ mask.png, start.png) and outputs.npz in `out_dir`."""
-    from ddpm_jax import files, images
+def render_outputs(config, inputs: TaskInputs, results: dict[str, np.ndarray]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(PNG images by file name, outputs.npz arrays): input.png, output.png, strip.png
+    (+ mask.png, start.png), all made in memory so that a failure writes nothing."""
+    from ddpm_jax import images
 
     task, n = config.sample.task, inputs.num_inputs
     u8 = images.to_uint8
-    save = lambda name, grid: images.save_png(os.path.join(out_dir, name), images.upscale(grid))
+    pictures: dict[str, np.ndarray] = {}
+    save = lambda name, grid: pictures.__setitem__(name, images.upscale(grid))
     source = u8(inputs.x[:n])
     if task == "interpolate":
         source = np.concatenate([source, u8(inputs.x2[:n])])
@@ -416,7 +428,43 @@ def write_outputs(out_dir: str, config, inputs: TaskInputs, results: dict[str, n
     arrays = {name: u8(np.clip(value, -1, 1)) for name, value in results.items()}
     if inputs.labels is not None:
         arrays["labels"] = inputs.labels
+    return pictures, arrays
+
+
+def write_outputs(out_dir: str, config, inputs: TaskInputs, results: dict[str, np.ndarray],
+                  settings: dict) -> None:
+    """settings.json, the pictures of `render_outputs` and outputs.npz in `out_dir`."""
+    from ddpm_jax import files, images, sampling
+
+    pictures, arrays = render_outputs(config, inputs, results)
+    sampling.write_settings(out_dir, settings)
+    for name, picture in pictures.items():
+        images.save_png(os.path.join(out_dir, name), picture)
     files.save_npz(os.path.join(out_dir, "outputs.npz"), **arrays)
+
+
+def task_settings(config, inputs: TaskInputs, step: int) -> dict:
+    """`sampling.output_settings` for an editing task: the `config.sample` fields the task
+    reads (t0 as resolved), and the sha256 of each input file, whose contents may change under
+    the same name."""
+    from ddpm_jax import sampling
+    from ddpm_jax.inception import _sha256
+
+    sc, task = config.sample, config.sample.task
+    unused = {"num_samples", "batch_size", "method", "progress_every", "t0", "strength",
+              *sampling.DDIM_FIELDS}
+    unused |= {"input2", "num_mix"} if task != "interpolate" else set()
+    unused |= {"mask"} if task != "inpaint" else set()
+    unused |= {"denoise_steps"} if task != "denoise" else set()
+    sample = {k: v for k, v in sc.to_dict().items() if k not in unused}
+    if task == "denoise":
+        sample["denoise_steps"] = inputs.steps
+    else:
+        sample["t0"] = inputs.t0
+    names = ["input"] + (["input2"] if task == "interpolate" else []) + (
+        ["mask"] if task == "inpaint" else [])
+    sample["sha256"] = {name: _sha256(sc[name]) for name in names}
+    return sampling.output_settings(config, step, 1, sample)
 
 
 def run(config, workdir: str, checkpoint: int | None = None) -> str:
@@ -429,12 +477,14 @@ def run(config, workdir: str, checkpoint: int | None = None) -> str:
     # A task is a few images: one device, not a copy of the work on each device of the mesh.
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     graphdef, params, step = sampling.load_ema_params(config, workdir, mesh, checkpoint)
-    results = run_task(config, graphdef, params, inputs, jax.random.key(sc.seed))
     name = f"{sc.task}_step{step:08d}_seed{sc.seed}"
     if sc.task in ("img2img", "inpaint", "interpolate"):
         name += f"_t{inputs.t0}"
-    out_dir = os.path.join(workdir, "samples", name)
+    settings = task_settings(config, inputs, step)
+    out_dir, existed = sampling.output_dir(workdir, name, settings)
+    results = run_task(config, graphdef, params, inputs, jax.random.key(sc.seed))
     if jax.process_index() == 0:
-        write_outputs(out_dir, config, inputs, results)
-        print(f"wrote {sc.task} of {inputs.num_inputs} input(s) (step {step}) to {out_dir}")
+        write_outputs(out_dir, config, inputs, results, settings)
+        sampling.report_written(f"{sc.task} of {inputs.num_inputs} input(s) (step {step})",
+                                out_dir, existed)
     return out_dir

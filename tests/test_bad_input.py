@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ddpm_jax import main
@@ -65,8 +66,10 @@ IN_PROCESS_ROWS = [
     ("unknown_dataset", "train", _set(data__name="cifar100000"), "fresh", {},
      "unknown dataset data.name='cifar100000' (DatasetNotFoundError); use a TFDS name"),
     ("empty_image_folder", "train", None, "fresh", {"folder": "empty"},
-     "has no images (.png, .jpg, .jpeg, .bmp, .webp); point --config.data.folder at a folder "
-     "that has some."),
+     "has no images (.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff); point --config.data.folder at "
+     "a folder that has some."),
+    ("unreadable_images_in_folder", "train", None, "fresh", {"folder": "corrupt"},
+     "file(s) in data.folder="),
     ("image_folder_missing", "train", None, "fresh", {"folder": "missing"},
      "is not a directory; set --config.data.folder to a folder of PNG/JPEG images."),
     ("dataset_smaller_than_a_batch", "train", _set(training__batch_size=4096), "fresh", {},
@@ -107,6 +110,12 @@ IN_PROCESS_ROWS = [
      "--checkpoint=7 is not in"),
     ("sample_without_checkpoint", "sample", None, "fresh", {},
      "; train first (--mode=train) or convert released weights (python -m ddpm_jax.convert)."),
+    ("empty_npz_input", "sample", _set(sample__task="img2img"), "trained", {"npz": "empty"},
+     "as .npz (EOFError: No data left in file); the file is empty, truncated or not an .npz"),
+    ("truncated_npz_input", "sample", _set(sample__task="img2img"), "trained",
+     {"npz": "truncated"}, "as .npz (BadZipFile: File is not a zip file); the file is empty"),
+    ("interpolate_with_num_mix_0", "sample", _set(sample__task="interpolate", sample__num_mix=0),
+     "trained", {"npz": "good"}, "sample.num_mix=0 must be ≥ 2: the mixing weights"),
 ]
 
 
@@ -120,6 +129,17 @@ def test_bad_input_in_process(row, trained, tmp_path, capsys):
         if extra["folder"] == "empty":
             os.makedirs(config.data.folder)
             (tmp_path / "empty" / "notes.txt").write_text("not an image")
+        if extra["folder"] == "corrupt":
+            os.makedirs(config.data.folder)
+            for name in ("a.png", "b.jpg", "c.png", "d.png"):
+                (tmp_path / "corrupt" / name).write_text("not an image")
+    if "npz" in extra:
+        good = tmp_path / "good.npz"
+        np.savez(good, images=np.zeros((1, 8, 8, 1), np.uint8))
+        data = {"empty": b"", "truncated": good.read_bytes()[:100], "good": good.read_bytes()}
+        path = tmp_path / "input.npz"
+        path.write_bytes(data[extra["npz"]])
+        config.sample.input = config.sample.input2 = str(path)
     if change is not None:
         change(config)
     workdir = {"fresh": str(tmp_path / "run"), "trained": trained, None: None}[which]

@@ -167,7 +167,7 @@ def test_conditional_train_then_sample_one_row_per_class(tmp_path):
     workdir = str(tmp_path / "run")
     main.run("train", config, workdir)
     main.run("sample", config, workdir)
-    (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000001_seed0_w3"))
+    (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000001_seed0_w3_*"))
     saved = np.load(os.path.join(out_dir, "samples.npz"))
     assert saved["images"].shape == (20, 8, 8, 1)
     np.testing.assert_array_equal(saved["labels"], np.repeat(np.arange(10), 2))

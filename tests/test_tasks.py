@@ -2,6 +2,7 @@
 `--mode=sample` driver. The pure functions are checked with closed-form denoisers against float64
 NumPy; the driver with a freshly initialised conditional checkpoint."""
 
+import glob
 import os
 
 import jax
@@ -189,7 +190,8 @@ def test_each_task_writes_input_output_and_strip(conditional_workdir, tmp_path):
                              ("denoise", -1, "")):
         config.sample.task, config.sample.t0 = task, t0
         main.run("sample", config, workdir)
-        out_dir = os.path.join(workdir, "samples", f"{task}_step00000001_seed0{suffix}")
+        (out_dir,) = glob.glob(os.path.join(workdir, "samples",
+                                            f"{task}_step00000001_seed0{suffix}_*"))
         for name in ("input.png", "output.png", "strip.png"):
             assert Image.open(os.path.join(out_dir, name)).size[0] >= 8
         outputs[task, t0] = dict(np.load(os.path.join(out_dir, "outputs.npz")))

@@ -66,7 +66,7 @@ def test_mock_cifar10_train_resume_sample(tmp_path):
     assert grid.size[0] >= 32 * 4
 
     main.run("sample", config, workdir)
-    (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000006_seed0"))
+    (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000006_seed0_*"))
     samples = np.load(os.path.join(out_dir, "samples.npz"))["images"]
     assert samples.shape == (16, 32, 32, 3) and samples.dtype == np.uint8
     assert samples.std() > 10  # not a constant image
