@@ -207,8 +207,8 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
             streak = int(state.nonfinite_streak)
             if streak >= tc.max_nonfinite:
                 checkpointing.wait_until_finished(manager)
-                raise NonFiniteError(_divergence_message(manager, tc, streak, first_skipped,
-                                                         step))
+                raise NonFiniteError(_divergence_message(
+                    manager, tc, streak, first_skipped or step, step))
 
             if crossed(before, step, tc.checkpoint_every) or step == tc.num_steps:
                 if skipped_in_window:
@@ -313,18 +313,18 @@ def _withhold_warning(manager, step: int, skipped: int, first_skipped: int) -> N
     newest = manager.latest_step()
     logging.warning(
         "not saving checkpoint %d: %d update(s) since the previous save point were skipped as "
-        "non-finite (the first at step %d), so the weights may have diverged; the newest "
-        "checkpoint stays %s", step, skipped, first_skipped,
-        "none" if newest is None else newest)
+        "non-finite (the first at step %d), so the weights may have diverged; %s", step,
+        skipped, first_skipped,
+        "there is no checkpoint yet" if newest is None
+        else f"the newest checkpoint stays {newest}")
 
 
 def _divergence_message(manager, tc, streak: int, first_skipped: int, step: int) -> str:
     """The stop message: what happened, and the newest checkpoint from before it to resume."""
     good = [s for s in manager.all_steps() if s < first_skipped]
-    head = (f"{streak} consecutive updates had a non-finite loss or gradient (the first "
-            f"skipped one since the newest checkpoint at step {first_skipped}, the last at step "
-            f"{step}); none was applied and no checkpoint was written after step "
-            f"{first_skipped}.")
+    head = (f"{streak} consecutive updates had a non-finite loss or gradient (the last at "
+            f"step {step}); none was applied, and no checkpoint was written since the first "
+            f"skipped update, at step {first_skipped}.")
     lower = f"--config.training.lr={tc.lr / 10:g}"
     if not good:
         return (f"{head} No checkpoint in {manager.directory} is older than that; start again "
