@@ -1,18 +1,24 @@
 """Orbax checkpoints of the train state under `workdir/checkpoints/<step>/`.
 
-Each checkpoint holds the whole `TrainState` (step, params, EMA, Adam moments) and the run's
-config as JSON, so a workdir cannot silently be resumed with a different model.
+Each checkpoint holds the whole `TrainState` (step, params, EMA, Adam moments), the run's
+config as JSON, so a workdir cannot silently be resumed with a different model, and a SHA-256
+digest of every array, so damaged files are caught at restore instead of training on inf/NaN.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging as std_logging
 import os
+import threading
 import time
 import weakref
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -20,7 +26,16 @@ from absl import logging
 _RESUMABLE_KEYS = ("training", "sample", "eval", "data.prefetch", "data.data_dir",
                    "data.shuffle_buffer", "data.in_memory", "model.dtype",
                    # label dropout is a training choice; it leaves the weights' shapes alone.
-                   "model.class_dropout")
+                   "model.class_dropout",
+                   # the seed only draws the data order, noise and timesteps of later steps.
+                   "seed")
+# Resumable keys that change only bookkeeping, not a single weight; every other resumable key
+# changes what the resumed steps compute (an uninterrupted run would not match it).
+_BOOKKEEPING_KEYS = ("sample", "eval", "data.prefetch", "data.data_dir", "training.num_steps",
+                     "training.steps_per_call", "training.log_every",
+                     "training.checkpoint_every", "training.keep_checkpoints",
+                     "training.archive_every", "training.sample_every",
+                     "training.num_grid_samples", "training.max_nonfinite")
 
 
 class ConfigMismatchError(ValueError):
@@ -29,6 +44,14 @@ class ConfigMismatchError(ValueError):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A restored array differs from the digest recorded when its checkpoint was saved."""
+
+
+DIGEST_ALGORITHM = "sha256"
+_DIGESTS_ITEM = "digests"
 
 
 # The step each manager is (asynchronously) writing, to name it when the write fails later.
@@ -43,35 +66,104 @@ def checkpoint_dir(workdir: str) -> str:
     return directory if "://" in directory else os.path.abspath(directory)
 
 
+class _OrbaxChatterFilter(std_logging.Filter):
+    """Orbax logs ~40 INFO lines per save (threads, timings, renames); ours say what matters
+    (which step, where, how long), so Orbax's INFO shows only at --verbosity=1 (DEBUG) and up.
+    While a manager is being built, its warnings about options chosen here on purpose (a
+    read-only manager 'setting save_interval_steps=0', 'Given directory is read only') are
+    dropped too, and so is its warning about waiting for the previous save, which the training
+    loop's own checkpoint line reports."""
+
+    constructing = threading.local()
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if getattr(self.constructing, "active", False) and record.levelno < std_logging.ERROR:
+            return False
+        if str(record.msg).startswith("Waiting for previous save to complete"):
+            return False
+        return record.levelno >= std_logging.WARNING or logging.get_verbosity() >= logging.DEBUG
+
+
+_CHATTER_FILTER = _OrbaxChatterFilter()
+
+
+@contextlib.contextmanager
+def _constructing():
+    _CHATTER_FILTER.constructing.active = True
+    try:
+        yield
+    finally:
+        _CHATTER_FILTER.constructing.active = False
+
+
 def make_manager(workdir: str, training_config=None, *, read_only: bool = False
                  ) -> ocp.CheckpointManager:
     tc = training_config
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=tc.keep_checkpoints if tc else None,
-        keep_period=(tc.archive_every or None) if tc else None,
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=True,
-        # A write that failed half-way (full disk, kill -9) leaves `<step>.orbax-checkpoint-tmp`;
-        # restore never reads it and the next save of that step must not trip over it.
-        cleanup_tmp_directories=not read_only,
-    )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    absl_logger = logging.get_absl_logger()
+    if _CHATTER_FILTER not in absl_logger.filters:
+        absl_logger.addFilter(_CHATTER_FILTER)
+    with _constructing():  # the options warn about read_only's implications, too
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=tc.keep_checkpoints if tc else None,
+            keep_period=(tc.archive_every or None) if tc else None,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=True,
+            # A write that failed half-way (full disk, kill -9) leaves
+            # `<step>.orbax-checkpoint-tmp`; restore never reads it and the next save of that
+            # step must not trip over it.
+            cleanup_tmp_directories=not read_only,
+        )
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config) -> bool:
     """Starts writing checkpoint `step` (finished in the background; see `wait_until_finished`).
 
-    Raises `CheckpointWriteError` if this or the previous background write failed.
+    The array digests are computed here, from a host copy taken before this returns, so the
+    caller may donate `state` to the next train step. Raises `CheckpointWriteError` if this or
+    the previous background write failed.
     """
+    digests = {"algorithm": DIGEST_ALGORITHM, "arrays": array_digests(state)}
     try:
         saved = manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+            **{_DIGESTS_ITEM: ocp.args.JsonSave(digests)}), force=True)
     except Exception as e:
         raise write_error(manager, _pending_step.get(manager, step), e) from e
     _pending_step[manager] = step
     return saved
+
+
+def _leaf_name(path) -> str:
+    parts = []
+    for key in path:
+        for attribute in ("name", "key", "idx"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def array_digests(tree: Any) -> dict[str, str]:
+    """SHA-256 of each array's dtype, shape and bytes, keyed by its path (e.g. `params/conv_in/
+    kernel`). Arrays are replicated, so each process hashes its first local copy."""
+    named = jax.tree_util.tree_flatten_with_path(tree)[0]
+    local = [leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
+             for _, leaf in named]
+    digests = {}
+    for (path, _), value in zip(named, jax.device_get(local)):
+        array = np.ascontiguousarray(np.asarray(value))
+        digest = hashlib.new(DIGEST_ALGORITHM)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+        digests[_leaf_name(path)] = digest.hexdigest()
+    return digests
 
 
 def wait_until_finished(manager: ocp.CheckpointManager) -> None:
@@ -127,53 +219,112 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_mismatches(saved: dict, config) -> list[str]:
-    """Config entries that differ from the checkpoint's and would change the model or data."""
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
+
+
+def _differences(saved: dict, config) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, current value) for every flattened config entry that differs."""
     now = _flatten(json.loads(config.to_json_best_effort()))
     before = _flatten(saved)
     differ = []
     for key in sorted(set(now) | set(before)):
-        if any(key == k or key.startswith(k + ".") for k in _RESUMABLE_KEYS):
-            continue
         a, b = before.get(key), now.get(key)
         if isinstance(a, list) or isinstance(b, list):
             a, b = tuple(a or ()), tuple(b or ())
         if a != b:
-            differ.append(f"{key}: checkpoint {before.get(key)!r} vs now {now.get(key)!r}")
+            differ.append((key, before.get(key), now.get(key)))
     return differ
+
+
+def config_mismatches(saved: dict, config) -> list[str]:
+    """Config entries that differ from the checkpoint's and would change the model or data."""
+    return [f"{key}: checkpoint {old!r} vs now {new!r}"
+            for key, old, new in _differences(saved, config) if not _under(key, _RESUMABLE_KEYS)]
+
+
+def changed_training_settings(saved: dict, config) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, current value) of the resumable settings that differ and
+    change what the resumed steps compute (learning rate, batch size, seed, schedule, ...)."""
+    return [(key, old, new) for key, old, new in _differences(saved, config)
+            if _under(key, _RESUMABLE_KEYS) and not _under(key, _BOOKKEEPING_KEYS)]
+
+
+def check_step(manager: ocp.CheckpointManager, step: int) -> None:
+    """`--checkpoint=STEP` names a checkpoint that exists (one-line FileNotFoundError if not)."""
+    if step not in manager.all_steps():
+        raise FileNotFoundError(f"--checkpoint={step} is not in {manager.directory}; available "
+                                f"steps: {sorted(manager.all_steps())}.")
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config (as a nested dict) saved with checkpoint `step`."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, config, step: int | None = None,
             shardings: Any = None) -> tuple[Any, int] | tuple[None, None]:
     """The latest (or given) checkpoint into `abstract_state`'s structure, placed on `shardings`.
 
-    A latest checkpoint that cannot be read (partial or corrupt files) is skipped with a warning
-    in favour of the one before it. Raises a one-line error if the checkpoint was written by a
-    different model/data config.
+    A latest checkpoint that cannot be read (partial or corrupt files, or an array that does not
+    match its saved digest) is moved to `checkpoints_unreadable/` with a warning, in favour of
+    the one before it. A given `step` is never skipped: a missing, unreadable or damaged one is
+    a one-line error. Raises a one-line error if the checkpoint was written by a different
+    model/data config.
     """
     if step is not None:
-        return _restore_step(manager, abstract_state, config, step, shardings), step
+        check_step(manager, step)
+        try:
+            return _restore_step(manager, abstract_state, config, step, shardings), step
+        except ConfigMismatchError:
+            raise
+        except Exception as e:
+            raise ValueError(
+                f"--checkpoint={step} in {manager.directory} cannot be used: {_reason(e)}; pick "
+                f"another of {sorted(manager.all_steps())} or leave out --checkpoint to use the "
+                "newest intact one.") from e
     for candidate in sorted(manager.all_steps(), reverse=True):
         try:
             return _restore_step(manager, abstract_state, config, candidate, shardings), candidate
         except ConfigMismatchError:
             raise
         except Exception as e:  # unreadable: fall back to the previous checkpoint
-            kept = _set_aside(manager, candidate)
-            logging.warning("checkpoint at step %d in %s cannot be read (%s: %s); falling back "
-                            "to the previous one%s", candidate, manager.directory,
-                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+            kept = _set_aside(manager, candidate, "checkpoints_unreadable")
+            logging.warning("checkpoint at step %d in %s cannot be used (%s); falling back "
+                            "to the previous one%s", candidate, manager.directory, _reason(e),
                             f" (moved to {kept})" if kept else "")
     return None, None
 
 
-def _set_aside(manager: ocp.CheckpointManager, step: int) -> str | None:
-    """Moves an unreadable local checkpoint out of the way (kept, never deleted), so the run
-    can write that step again."""
+def _reason(error: BaseException) -> str:
+    if isinstance(error, CheckpointCorruptError):
+        return str(error)
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def supersede_later(manager: ocp.CheckpointManager, step: int) -> list[str]:
+    """Moves the checkpoints after `step` to `checkpoints_superseded/<step>-<time>/` (kept,
+    never deleted), so that a run resumed from `step` writes its own later ones."""
+    later = [s for s in sorted(manager.all_steps()) if s > step]
+    moved = []
+    if jax.process_index() == 0:
+        moved = [d for d in (_set_aside(manager, s, "checkpoints_superseded") for s in later) if d]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("checkpointing.supersede_later")
+    manager.reload()
+    return moved
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, where: str) -> str | None:
+    """Moves a local checkpoint to `<workdir>/<where>/<step>-<time>` (kept, never deleted), so
+    the run can write that step again."""
     source = os.path.join(str(manager.directory), str(step))
     if "://" in source or not os.path.isdir(source) or _is_read_only(manager):
         return None
-    destination = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_unreadable",
+    destination = os.path.join(os.path.dirname(str(manager.directory)), where,
                                f"{step}-{int(time.time())}")
     os.makedirs(os.path.dirname(destination), exist_ok=True)
     os.rename(source, destination)
@@ -185,9 +336,29 @@ def _is_read_only(manager: ocp.CheckpointManager) -> bool:
     return bool(getattr(getattr(manager, "_options", None), "read_only", False))
 
 
+def _has_digests(manager: ocp.CheckpointManager, step: int) -> bool:
+    from etils import epath
+
+    return (epath.Path(str(manager.directory)) / str(step) / _DIGESTS_ITEM).exists()
+
+
+def verify_digests(saved: dict, tree: Any, step: int) -> None:
+    """Raises `CheckpointCorruptError` naming the arrays whose digest differs from `saved`."""
+    if saved.get("algorithm") != DIGEST_ALGORITHM:
+        raise CheckpointCorruptError(f"its digests use {saved.get('algorithm')!r}, not "
+                                     f"{DIGEST_ALGORITHM!r}")
+    expected, actual = saved["arrays"], array_digests(tree)
+    bad = sorted(name for name in set(expected) | set(actual)
+                 if expected.get(name) != actual.get(name))
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointCorruptError(
+            f"array {bad[0]}{more} of checkpoint {step} does not match the digest recorded "
+            "when it was saved (damaged files)")
+
+
 def _restore_step(manager, abstract_state, config, step, shardings):
-    saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    differ = config_mismatches(saved_config["config"], config) if config is not None else []
+    differ = config_mismatches(read_config(manager, step), config) if config is not None else []
     if differ:
         raise ConfigMismatchError(
             f"the checkpoint at step {step} in {manager.directory} was written with another "
@@ -196,7 +367,15 @@ def _restore_step(manager, abstract_state, config, step, shardings):
     if shardings is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state, shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+    items = {"state": ocp.args.StandardRestore(target)}
+    with_digests = _has_digests(manager, step)
+    if with_digests:
+        items[_DIGESTS_ITEM] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if with_digests:
+        verify_digests(restored[_DIGESTS_ITEM], restored["state"], step)
+    else:
+        logging.debug("checkpoint %d in %s predates array digests; restored unverified",
+                      step, manager.directory)
     logging.info("restored checkpoint at step %d from %s", step, manager.directory)
     return restored["state"]

@@ -42,7 +42,7 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
     if mode == "train":
         from ddpm_jax import train
 
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir, checkpoint)
     elif mode == "sample":
         from ddpm_jax import sampling
 

@@ -7,6 +7,7 @@ what a preempted Cloud TPU VM sends.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,7 +16,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from ddpm_jax import (checkpointing, images, input_pipeline, optim, parallel, sampling,
@@ -107,8 +108,13 @@ def write_sample_grid(config, workdir, writer, graphdef, state, mesh, step: int)
         writer.write_images(step, picture)
 
 
-def train_and_evaluate(config, workdir: str) -> train_step.TrainState:
-    """Trains (or resumes) the configured model in `workdir`; returns the final state."""
+def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
+                       ) -> train_step.TrainState:
+    """Trains (or resumes) the configured model in `workdir`; returns the final state.
+
+    `checkpoint`: resume from that step instead of the newest; the later checkpoints are moved
+    to `checkpoints_superseded/` (kept, never deleted).
+    """
     tc = config.training
     mesh = parallel.make_mesh()
     parallel.log_layout(mesh)
@@ -122,71 +128,110 @@ def train_and_evaluate(config, workdir: str) -> train_step.TrainState:
         validate.check_dataset_size(config, len(dataset.images))
 
     manager = checkpointing.make_manager(workdir, tc)
+    directory = checkpointing.checkpoint_dir(workdir)
     graphdef, abstract_state = train_step.abstract_train_state(config)
     shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
-    state, start_step = checkpointing.restore(manager, abstract_state, config,
+    state, start_step = checkpointing.restore(manager, abstract_state, config, step=checkpoint,
                                               shardings=shardings)
+    if state is not None and start_step >= tc.num_steps:
+        if jax.process_index() == 0:
+            print(f"{directory} is already at step {start_step} (training.num_steps="
+                  f"{tc.num_steps}); nothing to do. To train further, pass "
+                  f"--config.training.num_steps=N with N > {start_step}, e.g. "
+                  f"--config.training.num_steps={2 * start_step}.")
+        return state
     if state is None:
         graphdef, state = train_step.create_train_state(config, mesh)
         start_step = 0
         logging.info("initialised a new model: %s parameters",
                      f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
     else:
+        if checkpoint is not None:
+            for moved in checkpointing.supersede_later(manager, start_step):
+                logging.warning("moved the later checkpoint %s aside to %s",
+                                os.path.basename(moved).split("-")[0], moved)
+        _report_changed_settings(workdir, checkpointing.read_config(manager, start_step),
+                                 config, start_step)
         logging.info("resuming from step %d", start_step)
 
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+    writer = _make_writer(workdir)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flat_config(config).items()})
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=tc.num_steps, writer=writer, every_secs=60.0)
     seed_key = jax.random.key(config.seed)
 
     stop = _StopSignal().install()
     step = start_step
     step_fns = {}
     batches = None
+    clock = _Clock(config)
+    summary = {}
+    skipped_in_window = 0  # updates skipped as non-finite since the previous save point
+    first_skipped = None  # step of the first skipped update since the newest checkpoint
     try:
         while step < tc.num_steps:
             steps_this_call = min(tc.steps_per_call, tc.num_steps - step)
             if batches is None or steps_this_call not in step_fns:
                 batches = make_batches(config, dataset, step, steps_this_call)
-                step_fns[steps_this_call] = train_step.make_train_step(graphdef, config, mesh)
             batch = next(batches)
             batch_images = parallel.to_global_array(batch.images, mesh, batch_axis=1)
             batch_labels = parallel.to_global_array(batch.labels, mesh, batch_axis=1)
-            call_start = time.time()
+            if steps_this_call not in step_fns:
+                logging.info("compiling the train step (%d steps per call)...", steps_this_call)
+                started = time.perf_counter()
+                step_fns[steps_this_call] = train_step.make_train_step(
+                    graphdef, config, mesh).lower(state, batch_images, batch_labels,
+                                                  seed_key).compile()
+                logging.info("compiled the train step in %.1f s", time.perf_counter() - started)
+            started = time.perf_counter()
             state, metrics = step_fns[steps_this_call](state, batch_images, batch_labels,
                                                        seed_key)
+            skipped = np.asarray(jax.device_get(metrics["skipped_nonfinite"])) > 0
+            clock.trained(steps_this_call, time.perf_counter() - started)
             before, step = step, step + steps_this_call
-            report_progress(step, time.time())
+            if skipped.any():
+                skipped_in_window += int(skipped.sum())
+                if first_skipped is None:
+                    first_skipped = before + 1 + int(np.argmax(skipped))
 
             if crossed(before, step, tc.log_every) or step == tc.num_steps:
                 summary = train_step.summarize_metrics(metrics)
                 summary["param_norm"] = float(_global_norm(state.params))
-                summary["steps_per_sec"] = steps_this_call / max(time.time() - call_start, 1e-9)
+                summary["steps_per_sec"] = clock.recent_rate()
                 writer.write_scalars(step, summary)
-                eta = (tc.num_steps - step) / summary["steps_per_sec"]
-                logging.info("step %d/%d loss %.5f grad_norm %.3f lr %.3g (%.2f steps/s, ETA %s)",
-                             step, tc.num_steps, summary["loss"], summary["grad_norm"],
-                             summary["learning_rate"], summary["steps_per_sec"],
-                             _format_seconds(eta))
+                skipped_note = (f", {int(summary['skipped_nonfinite'])} skipped as non-finite"
+                                if summary["skipped_nonfinite"] else "")
+                logging.info("step %d/%d loss %.5f grad_norm %.3f lr %.3g%s | %.2f steps/s | "
+                             "ETA %s", step, tc.num_steps, summary["loss"], summary["grad_norm"],
+                             summary["learning_rate"], skipped_note, summary["steps_per_sec"],
+                             _format_seconds(clock.eta(step)))
             streak = int(state.nonfinite_streak)
             if streak >= tc.max_nonfinite:
-                raise NonFiniteError(
-                    f"{streak} consecutive updates had a non-finite loss or gradient (last at "
-                    f"step {step}); none was applied. Lower --config.training.lr or check the "
-                    "data; the last good checkpoint is kept.")
+                checkpointing.wait_until_finished(manager)
+                raise NonFiniteError(_divergence_message(
+                    manager, tc, streak, first_skipped or step, step))
 
             if crossed(before, step, tc.checkpoint_every) or step == tc.num_steps:
-                checkpointing.save(manager, step, state, config)
+                if skipped_in_window:
+                    _withhold_warning(manager, step, skipped_in_window, first_skipped)
+                else:
+                    _save(manager, step, state, config, clock)
+                    first_skipped = None
+                skipped_in_window = 0
             if crossed(before, step, tc.sample_every) or step == tc.num_steps:
+                logging.info("drawing %d EMA samples for the grid at step %d%s...",
+                             tc.num_grid_samples, step,
+                             "" if clock.grids_drawn else " (includes compiling the sampler)")
+                started = time.perf_counter()
                 write_sample_grid(config, workdir, writer, graphdef, state, mesh, step)
+                clock.drew_grid(time.perf_counter() - started)
+                logging.info("wrote %s in %.1f s", _grid_path(workdir, step), clock.grid_seconds)
             if stop.any_process():
                 logging.warning("received %s at step %d: saving a checkpoint and exiting",
                                 stop.received or "a stop signal", step)
-                if manager.latest_step() != step:
-                    checkpointing.save(manager, step, state, config)
+                if skipped_in_window:
+                    _withhold_warning(manager, step, skipped_in_window, first_skipped)
+                elif manager.latest_step() != step:
+                    _save(manager, step, state, config, clock)
                 break
     finally:
         checkpointing.wait_until_finished(manager)
@@ -194,10 +239,159 @@ def train_and_evaluate(config, workdir: str) -> train_step.TrainState:
         stop.uninstall()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("train_and_evaluate:end")
+    latest = manager.latest_step()
+    where = (f"checkpoint {latest} in {directory}" if latest is not None
+             else f"no checkpoint in {directory}")
     if stop.received:
-        print(f"Stopped by {stop.received} at step {step}; checkpoint saved in "
-              f"{checkpointing.checkpoint_dir(workdir)}. Run the same command to resume.")
+        print(f"Stopped by {stop.received} at step {step}; newest {where}. Run the same command "
+              "to resume.")
+    elif jax.process_index() == 0 and step > start_step:
+        loss = f", loss {summary['loss']:.5f}" if "loss" in summary else ""
+        print(f"done: step {step}/{tc.num_steps}{loss}; newest {where}; samples "
+              f"{_grid_path(workdir, step)}")
     return state
+
+
+def _report_changed_settings(workdir: str, saved_config: dict, config, step: int) -> None:
+    """Warns which training settings differ from the checkpoint's, and appends one JSON line per
+    key to `workdir/config_changes.jsonl` (step, time, key, old, new)."""
+    changes = checkpointing.changed_training_settings(saved_config, config)
+    if not changes:
+        return
+    record = os.path.join(workdir, "config_changes.jsonl")
+    logging.warning(
+        "resuming from step %d with changed training settings: %s. Training goes on from the "
+        "checkpoint, but steps after %d now differ from an uninterrupted run with the "
+        "checkpoint's settings (for an exact continuation use those); recorded in %s", step,
+        "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes), step, record)
+    if jax.process_index() == 0:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        lines = "".join(json.dumps({"step": step, "time": now, "key": key, "old": old,
+                                    "new": new}) + "\n" for key, old, new in changes)
+        _append(record, lines)
+
+
+def _append(path: str, text: str) -> None:
+    """Appends `text` to a local file, or rewrites a remote (gs://) one, which cannot append."""
+    if "://" in path:
+        from etils import epath
+
+        target = epath.Path(path)
+        target.write_text((target.read_text() if target.exists() else "") + text)
+        return
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def _grid_path(workdir: str, step: int) -> str:
+    return os.path.join(workdir, "samples", f"step_{step:08d}.png")
+
+
+def _make_writer(workdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard events from process 0 only; the console gets our own progress line instead
+    of clu's per-scalar log lines."""
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.SummaryWriter(workdir)
+
+
+def _save(manager, step: int, state, config, clock: "_Clock") -> None:
+    """Starts checkpoint `step`; first waits for the previous one itself, so the wait is named
+    in our line (instead of Orbax's warning) and counted in the ETA."""
+    started = time.perf_counter()
+    checkpointing.wait_until_finished(manager)
+    waited = time.perf_counter() - started
+    checkpointing.save(manager, step, state, config)
+    clock.saved(time.perf_counter() - started)
+    logging.info("saving checkpoint %d to %s (%.1f s%s, then in the background)", step,
+                 manager.directory, clock.save_seconds,
+                 f", {waited:.1f} s of it waiting for the previous save: consider a larger "
+                 "training.checkpoint_every" if waited > 1.0 else "")
+
+
+def _withhold_warning(manager, step: int, skipped: int, first_skipped: int) -> None:
+    newest = manager.latest_step()
+    logging.warning(
+        "not saving checkpoint %d: %d update(s) since the previous save point were skipped as "
+        "non-finite (the first at step %d), so the weights may have diverged; %s", step,
+        skipped, first_skipped,
+        "there is no checkpoint yet" if newest is None
+        else f"the newest checkpoint stays {newest}")
+
+
+def _divergence_message(manager, tc, streak: int, first_skipped: int, step: int) -> str:
+    """The stop message: what happened, and the newest checkpoint from before it to resume."""
+    good = [s for s in manager.all_steps() if s < first_skipped]
+    head = (f"{streak} consecutive updates had a non-finite loss or gradient (the last at "
+            f"step {step}); none was applied, and no checkpoint was written since the first "
+            f"skipped update, at step {first_skipped}.")
+    lower = f"--config.training.lr={tc.lr / 10:g}"
+    if not good:
+        return (f"{head} No checkpoint in {manager.directory} is older than that; start again "
+                f"with a lower learning rate (now {tc.lr:g}), e.g. {lower}, or check the data.")
+    return (f"{head} The newest checkpoint saved before it is step {max(good)} in "
+            f"{manager.directory}; resume from it with a lower learning rate (now {tc.lr:g}): "
+            f"--checkpoint={max(good)} {lower}, or check the data.")
+
+
+class _Clock:
+    """Training throughput without compile, grid or checkpoint time, and an ETA that adds the
+    expected cost of the grids and checkpoints still to come."""
+
+    def __init__(self, config):
+        self.config = config
+        self.train_seconds = 0.0
+        self.train_steps = 0
+        self._recent = (0.0, 0)
+        self.grids_drawn = 0
+        self.grid_seconds = 0.0
+        self.save_seconds = 0.0
+
+    def trained(self, steps: int, seconds: float) -> None:
+        self.train_steps += steps
+        self.train_seconds += seconds
+
+    def recent_rate(self) -> float:
+        """Steps/s since the previous call (the previous progress line)."""
+        seconds = self.train_seconds - self._recent[0]
+        steps = self.train_steps - self._recent[1]
+        self._recent = (self.train_seconds, self.train_steps)
+        return steps / max(seconds, 1e-9)
+
+    def drew_grid(self, seconds: float) -> None:
+        self.grids_drawn += 1
+        self.grid_seconds = seconds
+
+    def saved(self, seconds: float) -> None:
+        self.save_seconds = seconds
+
+    def _grid_estimate(self) -> float:
+        """Seconds per grid: the last one drawn, or before any, from the training throughput
+        (a sampler step is one forward pass, about a third of a train step's work)."""
+        if self.grids_drawn:
+            return self.grid_seconds
+        c = self.config
+        sampler_steps = (c.sample.ddim_steps if c.sample.method == "ddim"
+                         else c.diffusion.num_timesteps)
+        seconds_per_step = self.train_seconds / max(self.train_steps, 1)
+        return (sampler_steps * c.training.num_grid_samples / c.training.batch_size / 3
+                * seconds_per_step)
+
+    def eta(self, step: int) -> float:
+        tc = self.config.training
+        rate = self.train_steps / max(self.train_seconds, 1e-9)
+        return ((tc.num_steps - step) / rate
+                + events_left(step, tc.num_steps, tc.sample_every) * self._grid_estimate()
+                + events_left(step, tc.num_steps, tc.checkpoint_every) * self.save_seconds)
+
+
+def events_left(step: int, num_steps: int, every: int) -> int:
+    """How many of the loop's every-`every` events (and the one at `num_steps`) lie in
+    (step, num_steps]."""
+    if step >= num_steps:
+        return 0
+    regular = num_steps // every - step // every if every > 0 else 0
+    return regular + (0 if every > 0 and num_steps % every == 0 else 1)
 
 
 _global_norm = jax.jit(optim.global_norm)

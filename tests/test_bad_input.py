@@ -108,6 +108,8 @@ IN_PROCESS_ROWS = [
      "training.steps_per_call=0 must be ≥ 1; set --config.training.steps_per_call."),
     ("checkpoint_step_missing", "sample", None, "trained", {"checkpoint": 7},
      "--checkpoint=7 is not in"),
+    ("train_checkpoint_step_missing", "train", None, "trained", {"checkpoint": 7},
+     "--checkpoint=7 is not in"),
     ("sample_without_checkpoint", "sample", None, "fresh", {},
      "; train first (--mode=train) or convert released weights (python -m ddpm_jax.convert)."),
     ("empty_npz_input", "sample", _set(sample__task="img2img"), "trained", {"npz": "empty"},
