@@ -227,14 +227,27 @@ def _differences(saved: dict, config) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, current value) for every flattened config entry that differs."""
     now = _flatten(json.loads(config.to_json_best_effort()))
     before = _flatten(saved)
+    defaults = _default_config()
     differ = []
     for key in sorted(set(now) | set(before)):
         a, b = before.get(key), now.get(key)
-        if isinstance(a, list) or isinstance(b, list):
-            a, b = tuple(a or ()), tuple(b or ())
-        if a != b:
-            differ.append((key, before.get(key), now.get(key)))
+        if key not in before and key in defaults and _same(defaults[key], b):
+            continue  # a key added after this checkpoint was written, at its default
+        if not _same(a, b):
+            differ.append((key, a, b))
     return differ
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list) or isinstance(b, list):
+        return tuple(a or ()) == tuple(b or ())
+    return a == b
+
+
+def _default_config() -> dict[str, Any]:
+    from configs import default
+
+    return _flatten(json.loads(default.get_config().to_json_best_effort()))
 
 
 def config_mismatches(saved: dict, config) -> list[str]:

@@ -258,3 +258,17 @@ def test_resume_with_changed_settings_names_them_and_records_them(trained_4, tmp
         (4, "seed", 0, 3), (4, "training.lr", 0.001, 0.0001)]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["time"]) for r in records)
     assert _steps(workdir)[-1] == 6
+
+
+def test_a_key_added_after_the_checkpoint_is_no_mismatch_at_its_default():
+    """A checkpoint written before `diffusion.t0_log_variance` existed resumes with the default,
+    and is refused with any other value of it."""
+    from ddpm_jax import checkpointing
+
+    config = tiny_config()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["diffusion"]["t0_log_variance"]
+    assert checkpointing.config_mismatches(saved, config) == []
+    config.diffusion.t0_log_variance = "1e-20"
+    assert checkpointing.config_mismatches(saved, config) == [
+        "diffusion.t0_log_variance: checkpoint None vs now '1e-20'"]
