@@ -36,13 +36,16 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
         raise ValueError(f"--mode={mode} needs --workdir (where checkpoints and outputs go).")
 
     from ddpm_jax import parallel
+    from ddpm_jax import workdir as workdirs
 
     parallel.maybe_initialize_distributed()
     validate.validate(config, mode, parallel.make_mesh())
+    workdirs.check_writable(workdir, {"sample": "samples", "eval": "eval"}.get(mode, ""))
     if mode == "train":
         from ddpm_jax import train
 
-        train.train_and_evaluate(config, workdir)
+        with workdirs.exclusive(workdir, workdirs.LOCK_NAME, "training"):
+            train.train_and_evaluate(config, workdir)
     elif mode == "sample":
         from ddpm_jax import sampling
 
@@ -50,7 +53,8 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
     elif mode == "eval":
         from ddpm_jax import evaluate
 
-        evaluate.run(config, workdir, checkpoint)
+        with workdirs.exclusive(workdir, workdirs.EVAL_LOCK_NAME, "evaluation"):
+            evaluate.run(config, workdir, checkpoint)
 
 
 def exit_with_error(message) -> None:
@@ -64,10 +68,12 @@ def run_or_exit(mode: str, config, workdir: str | None, checkpoint: int | None =
     """`run`, with expected failures reported as one `error:` line and exit status 2."""
     from ddpm_jax.checkpointing import CheckpointWriteError
     from ddpm_jax.train import NonFiniteError
+    from ddpm_jax.workdir import WorkdirInUseError
 
     try:
         run(mode, config, workdir, checkpoint)
-    except (ValueError, FileNotFoundError, KeyError, NonFiniteError, CheckpointWriteError) as e:
+    except (ValueError, FileNotFoundError, KeyError, NonFiniteError, CheckpointWriteError,
+            WorkdirInUseError) as e:
         logging.debug("failed", exc_info=True)
         exit_with_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
 

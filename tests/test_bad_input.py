@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ddpm_jax import main
-from helpers import tiny_config
+from helpers import tiny_config, trained_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,12 +36,7 @@ def _snapshot(root):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A real workdir with a checkpoint at step 2 of the tiny config."""
-    workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    config = tiny_config()
-    config.training.num_steps = 2
-    main.run("train", config, workdir)
-    return workdir
+    return trained_workdir(tmp_path_factory)
 
 
 def _set(**overrides):
@@ -63,7 +58,8 @@ def _untyped(**overrides):
     return change
 
 
-# (id, mode, config change, workdir: "fresh" | "trained", extra kwargs, expected message part)
+# (id, mode, config change, workdir: "fresh" | "trained" | "file", extra kwargs, expected message
+# part)
 IN_PROCESS_ROWS = [
     ("batch_not_divisible", "train", _set(training__batch_size=12), "fresh", {},
      "training.batch_size=12 is not divisible by the 8 devices of the data mesh; set "
@@ -138,6 +134,10 @@ IN_PROCESS_ROWS = [
     ("guidance_when_training_an_unconditional_model", "train",
      _set(sample__guidance_scale=3.0), "fresh", {},
      "sample.guidance_scale=3.0 needs a class-conditional model, but model.num_classes=0"),
+    ("workdir_is_a_file", "train", None, "file", {},
+     "is a file, not a directory; point --workdir at a directory (it is created if missing)."),
+    ("sampling_into_a_workdir_that_is_a_file", "sample", None, "file", {},
+     "is a file, not a directory; point --workdir at a directory (it is created if missing)."),
 ]
 
 
@@ -153,7 +153,10 @@ def test_bad_input_in_process(row, trained, tmp_path, capsys):
             (tmp_path / "empty" / "notes.txt").write_text("not an image")
     if change is not None:
         change(config)
-    workdir = {"fresh": str(tmp_path / "run"), "trained": trained, None: None}[which]
+    workdir = {"fresh": str(tmp_path / "run"), "trained": trained, "file": str(tmp_path / "run"),
+               None: None}[which]
+    if which == "file":
+        (tmp_path / "run").write_text("not a directory")
     before = _snapshot(workdir) if workdir else None
     capsys.readouterr()
 
@@ -166,6 +169,8 @@ def test_bad_input_in_process(row, trained, tmp_path, capsys):
     assert expected in errors[0]
     if workdir:
         assert _snapshot(workdir) == before  # None == None: a fresh workdir was not created
+    if which == "file":
+        assert (tmp_path / "run").read_text() == "not a directory"
 
 
 FLAG_ROWS = [
