@@ -146,6 +146,9 @@ def cpu_device_flags(xla_flags: str, cores: int) -> str:
 
 
 def main(argv: list[str]) -> None:
+    from ddpm_jax import interrupt
+
+    interrupt.install()  # before JAX or TensorFlow start threads, so that they all inherit it
     if "jax" not in sys.modules:  # read when JAX creates its CPU client
         os.environ["XLA_FLAGS"] = cpu_device_flags(os.environ.get("XLA_FLAGS", ""),
                                                    len(os.sched_getaffinity(0)))
@@ -159,4 +162,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from ddpm_jax import interrupt
+
+    interrupt.install()  # a Ctrl-C while the flags and the config file load is one line too
     app.run(main, flags_parser=parse_flags)

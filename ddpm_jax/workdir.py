@@ -231,6 +231,8 @@ def exclusive(workdir: str, name: str = LOCK_NAME, what: str = "training") -> It
     process fails with the same one-line error when process 0 cannot take it."""
     import jax
 
+    from ddpm_jax import interrupt
+
     lock = WorkdirLock(workdir, name, what) if jax.process_index() == 0 else None
     error = None
     if lock is not None:
@@ -249,8 +251,10 @@ def exclusive(workdir: str, name: str = LOCK_NAME, what: str = "training") -> It
                                       "or use another --workdir.")
     if error is not None:
         raise error
+    forget = interrupt.on_abort(lock.release) if lock is not None else (lambda: None)
     try:
         yield
     finally:
+        forget()
         if lock is not None:
             lock.release()
