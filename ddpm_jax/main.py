@@ -5,6 +5,7 @@ Modes: `train` (default; resumes from the workdir), `sample`, `eval` and `info`.
 
 from __future__ import annotations
 
+import logging as logging_lib
 import os
 import sys
 
@@ -20,6 +21,28 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample
 flags.DEFINE_string("mode", "train", f"One of {', '.join(MODES)}.")
 flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample/evaluate "
                      "(default: the latest).")
+flags.DEFINE_boolean("verbose", False, "Also show the INFO logs of the libraries underneath "
+                     "(absl, Orbax, TensorFlow, JAX, CLU); by default only ours and warnings.")
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _OwnInfoOnly(logging_lib.Filter):
+    """Passes warnings and errors from anywhere, and lower levels only from ddpm_jax itself."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        return (record.levelno >= logging_lib.WARNING
+                or os.path.abspath(record.pathname).startswith(PACKAGE_DIR))
+
+
+def quiet_console(verbose: bool) -> None:
+    """Our INFO lines on the console; other libraries' only with --verbose. Call before
+    TensorFlow is imported (its C++ logging reads TF_CPP_MIN_LOG_LEVEL once)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.INFO)
+    if not verbose:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
 
 def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -> None:
@@ -157,7 +180,7 @@ def main(argv: list[str]) -> None:
     config = _load_config()
     if config is None:
         exit_with_error("--config is required, e.g. --config configs/digits.py")
-    logging.set_verbosity(logging.INFO)
+    quiet_console(FLAGS.verbose)
     run_or_exit(FLAGS.mode, config, FLAGS.workdir, FLAGS.checkpoint)
 
 
