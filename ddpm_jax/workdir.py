@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import socket
 import sys
 import threading
@@ -79,8 +80,11 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 def _me() -> dict[str, Any]:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("ddpm_jax", "main.py")):  # python -m ddpm_jax.main
+        argv[0:1] = ["python", "-m", "ddpm_jax.main"]
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-            "command": " ".join(sys.argv)}
+            "command": shlex.join(argv)}
 
 
 def _parse(text: str) -> dict[str, Any] | None:
