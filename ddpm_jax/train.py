@@ -8,9 +8,12 @@ what a preempted Cloud TPU VM sends.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import jax
+import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
