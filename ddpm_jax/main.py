@@ -5,6 +5,7 @@ Modes: `train` (default; resumes from the workdir), `sample`, `eval` and `info`.
 
 from __future__ import annotations
 
+import logging as logging_lib
 import os
 import sys
 
@@ -20,6 +21,28 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample
 flags.DEFINE_string("mode", "train", f"One of {', '.join(MODES)}.")
 flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample/evaluate "
                      "(default: the latest).")
+flags.DEFINE_boolean("verbose", False, "Also show the INFO logs of the libraries underneath "
+                     "(absl, Orbax, TensorFlow, JAX, CLU); by default only ours and warnings.")
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _OwnInfoOnly(logging_lib.Filter):
+    """Passes warnings and errors from anywhere, and lower levels only from ddpm_jax itself."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        return (record.levelno >= logging_lib.WARNING
+                or os.path.abspath(record.pathname).startswith(PACKAGE_DIR))
+
+
+def quiet_console(verbose: bool) -> None:
+    """Our INFO lines on the console; other libraries' only with --verbose. Call before
+    TensorFlow is imported (its C++ logging reads TF_CPP_MIN_LOG_LEVEL once)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.INFO)
+    if not verbose:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
 
 def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -> None:
@@ -36,13 +59,16 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
         raise ValueError(f"--mode={mode} needs --workdir (where checkpoints and outputs go).")
 
     from ddpm_jax import parallel
+    from ddpm_jax import workdir as workdirs
 
     parallel.maybe_initialize_distributed()
     validate.validate(config, mode, parallel.make_mesh())
+    workdirs.check_writable(workdir, {"sample": "samples", "eval": "eval"}.get(mode, ""))
     if mode == "train":
         from ddpm_jax import train
 
-        train.train_and_evaluate(config, workdir, checkpoint)
+        with workdirs.exclusive(workdir, workdirs.LOCK_NAME, "training"):
+            train.train_and_evaluate(config, workdir, checkpoint)
     elif mode == "sample":
         from ddpm_jax import sampling
 
@@ -50,7 +76,8 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
     elif mode == "eval":
         from ddpm_jax import evaluate
 
-        evaluate.run(config, workdir, checkpoint)
+        with workdirs.exclusive(workdir, workdirs.EVAL_LOCK_NAME, "evaluation"):
+            evaluate.run(config, workdir, checkpoint)
 
 
 def exit_with_error(message) -> None:
@@ -64,10 +91,12 @@ def run_or_exit(mode: str, config, workdir: str | None, checkpoint: int | None =
     """`run`, with expected failures reported as one `error:` line and exit status 2."""
     from ddpm_jax.checkpointing import CheckpointWriteError
     from ddpm_jax.train import NonFiniteError
+    from ddpm_jax.workdir import WorkdirInUseError
 
     try:
         run(mode, config, workdir, checkpoint)
-    except (ValueError, FileNotFoundError, KeyError, NonFiniteError, CheckpointWriteError) as e:
+    except (ValueError, FileNotFoundError, KeyError, NonFiniteError, CheckpointWriteError,
+            WorkdirInUseError) as e:
         logging.debug("failed", exc_info=True)
         exit_with_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
 
@@ -140,6 +169,9 @@ def cpu_device_flags(xla_flags: str, cores: int) -> str:
 
 
 def main(argv: list[str]) -> None:
+    from ddpm_jax import interrupt
+
+    interrupt.install()  # before JAX or TensorFlow start threads, so that they all inherit it
     if "jax" not in sys.modules:  # read when JAX creates its CPU client
         os.environ["XLA_FLAGS"] = cpu_device_flags(os.environ.get("XLA_FLAGS", ""),
                                                    len(os.sched_getaffinity(0)))
@@ -148,9 +180,12 @@ def main(argv: list[str]) -> None:
     config = _load_config()
     if config is None:
         exit_with_error("--config is required, e.g. --config configs/digits.py")
-    logging.set_verbosity(logging.INFO)
+    quiet_console(FLAGS.verbose)
     run_or_exit(FLAGS.mode, config, FLAGS.workdir, FLAGS.checkpoint)
 
 
 if __name__ == "__main__":
+    from ddpm_jax import interrupt
+
+    interrupt.install()  # a Ctrl-C while the flags and the config file load is one line too
     app.run(main, flags_parser=parse_flags)

@@ -21,39 +21,11 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import (checkpointing, images, input_pipeline, optim, parallel, sampling,
                       train_step, validate)
+from ddpm_jax.interrupt import StopSignal as _StopSignal
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class _StopSignal:
-    """Remembers a SIGTERM/SIGINT so the loop can checkpoint before exiting."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        self.received = signal.Signals(signum).name
-
-    def uninstall(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def any_process(self) -> bool:
-        flag = self.received is not None
-        if jax.process_count() > 1:
-            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-        return flag
 
 
 def crossed(before: int, after: int, every: int) -> bool:

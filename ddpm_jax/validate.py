@@ -10,8 +10,11 @@ those are read, also before the first write.
 from __future__ import annotations
 
 import os
+import math
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from jax.sharding import Mesh
 
 MODES = ("train", "sample", "eval", "info")
@@ -59,27 +62,175 @@ def _require(condition: bool, key: str, value: Any, rule: str) -> None:
         raise ValueError(f"{key}={value!r} must be {rule}; set --config.{key}.")
 
 
+@dataclass(frozen=True)
+class Rule:
+    """The type of one config entry and, for numbers, its range: `low`/`high` inclusive unless
+    `low_open`/`high_open`; `items` applies the rule to every entry of a tuple."""
+
+    kind: type  # bool, int, float (an int is accepted), str or tuple
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+    items: "Rule | None" = None
+
+    def range_text(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '≥'} {self.low:g}"
+        else:
+            text = ""
+        return f"{text} ({self.note})" if self.note else text
+
+    def in_range(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+BOOL, STR, ANY_INT = Rule(bool), Rule(str), Rule(int)
+COUNT = Rule(int, 1)  # ≥ 1
+EVERY = Rule(int, 0, note="0 = never")
+RATE = Rule(float, 0, 1, high_open=True)  # [0, 1)
+
+TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string",
+              tuple: "a tuple"}
+
+# Every entry of configs/default.py. Entries whose range depends on another entry (beta_end,
+# ddim_steps, t0, channels, ch, the model's resolutions) are checked in code below.
+RULES: dict[str, Rule] = {
+    "seed": ANY_INT,
+    "data.name": STR, "data.split": STR, "data.eval_split": STR,
+    "data.image_size": COUNT,
+    "data.channels": ANY_INT,
+    "data.random_flip": BOOL, "data.data_dir": STR, "data.folder": STR, "data.in_memory": BOOL,
+    "data.shuffle_buffer": COUNT,
+    "data.prefetch": Rule(int, 0, note="0 = no prefetching"),
+    "model.ch": COUNT,
+    "model.ch_mult": Rule(tuple, items=COUNT),
+    "model.num_res_blocks": COUNT,
+    "model.attn_resolutions": Rule(tuple, items=COUNT),
+    "model.dropout": RATE,
+    "model.num_classes": Rule(int, 0, note="0 or 1 = unconditional"),
+    "model.class_dropout": Rule(float, 0, 1),
+    "model.dtype": STR,
+    "diffusion.num_timesteps": COUNT,
+    "diffusion.beta_start": Rule(float, 0, 1, low_open=True, high_open=True),
+    "diffusion.beta_end": Rule(float, 0, 1, low_open=True, high_open=True),
+    "diffusion.beta_schedule": STR, "diffusion.mean_type": STR, "diffusion.var_type": STR,
+    "diffusion.loss_type": STR,
+    "training.batch_size": COUNT,
+    "training.num_steps": COUNT,
+    "training.lr": Rule(float, 0, low_open=True),
+    "training.warmup_steps": Rule(int, 0),
+    "training.adam_b1": RATE,
+    "training.adam_b2": RATE,
+    "training.adam_eps": Rule(float, 0, low_open=True),
+    "training.adam_eps_style": STR,
+    "training.grad_clip": Rule(float, 0, note="0 = no clipping"),
+    "training.clip_mode": STR,
+    "training.ema_decay": RATE,
+    "training.steps_per_call": COUNT,
+    "training.log_every": EVERY,
+    "training.checkpoint_every": EVERY,
+    "training.keep_checkpoints": COUNT,
+    "training.archive_every": EVERY,
+    "training.sample_every": EVERY,
+    "training.num_grid_samples": COUNT,
+    "training.max_nonfinite": COUNT,
+    "sample.method": STR,
+    "sample.num_samples": COUNT,
+    "sample.batch_size": COUNT,
+    "sample.ddim_steps": COUNT,
+    "sample.ddim_eta": Rule(float, 0),
+    "sample.ddim_skip": STR,
+    "sample.clip_denoised": BOOL,
+    "sample.progress_every": Rule(int, 0, note="0 = off"),
+    "sample.seed": ANY_INT,
+    "sample.guidance_scale": Rule(float),
+    "sample.labels": STR,
+    "sample.task": STR, "sample.input": STR, "sample.input2": STR, "sample.mask": STR,
+    "sample.t0": Rule(int, -1, note="-1 = from sample.strength"),
+    "sample.strength": Rule(float, 0, 1),
+    "sample.num_mix": COUNT,
+    "sample.denoise_steps": STR,
+    "eval.num_samples": Rule(int, 0, note="0 = no IS/FID"),
+    "eval.batch_size": COUNT,
+    "eval.seed": ANY_INT,
+    "eval.inception_weights": STR,
+    "eval.quantize": BOOL,
+    "eval.is_splits": COUNT,
+    "eval.stats_dir": STR, "eval.train_stats": STR, "eval.test_stats": STR,
+    "eval.ref_max_images": Rule(int, 0, note="0 = the whole split"),
+    "eval.bpd": BOOL, "eval.bpd_train": BOOL,
+    "eval.bpd_batch_size": COUNT,
+    "eval.bpd_num_images": Rule(int, 0, note="0 = all"),
+    "eval.bpd_clip_denoised": BOOL,
+    "eval.every": EVERY,
+    "eval.num_samples_during_training": COUNT,
+}
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):  # True is an int to Python, not to a config
+        return False
+    if kind is int:
+        return isinstance(value, (int, np.integer))
+    if kind is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+    if kind is tuple:
+        return isinstance(value, (tuple, list))
+    return isinstance(value, kind)
+
+
+def _check_rule(key: str, value: Any, rule: Rule) -> None:
+    if not _has_type(value, rule.kind):
+        range_text = rule.range_text()
+        _require(False, key, value, TYPE_NAMES[rule.kind]
+                 + (f" {range_text}" if range_text and not rule.items else ""))
+    if rule.items is not None:
+        for item in value:
+            if not (_has_type(item, rule.items.kind) and rule.items.in_range(item)):
+                _require(False, key, value, f"a tuple of integers {rule.items.range_text()}")
+    elif rule.kind in (int, float):
+        _require(rule.in_range(value), key, value, rule.range_text())
+
+
+def check_types_and_ranges(config) -> None:
+    """Each entry of RULES present in `config` has its type and lies in its range."""
+    for key, rule in RULES.items():
+        try:
+            value = _get(config, key)
+        except (KeyError, AttributeError):  # an older config without the entry: its default
+            continue
+        _check_rule(key, value, rule)
+
+
 def check_numbers(config) -> None:
-    """Counts, rates and probabilities in their valid ranges."""
-    tc, dc, sc = config.training, config.diffusion, config.sample
-    _require(dc.num_timesteps >= 1, "diffusion.num_timesteps", dc.num_timesteps, "≥ 1")
-    _require(0 < dc.beta_start <= dc.beta_end < 1, "diffusion.beta_end", dc.beta_end,
+    """The ranges that depend on other entries."""
+    dc, sc = config.diffusion, config.sample
+    _require(dc.beta_start <= dc.beta_end, "diffusion.beta_end", dc.beta_end,
              f"in [diffusion.beta_start={dc.beta_start}, 1) with beta_start > 0")
-    _require(tc.num_steps >= 1, "training.num_steps", tc.num_steps, "≥ 1")
-    _require(tc.batch_size >= 1, "training.batch_size", tc.batch_size, "≥ 1")
-    _require(tc.lr > 0, "training.lr", tc.lr, "> 0")
-    _require(tc.warmup_steps >= 0, "training.warmup_steps", tc.warmup_steps, "≥ 0")
-    _require(tc.steps_per_call >= 1, "training.steps_per_call", tc.steps_per_call, "≥ 1")
-    _require(0 <= tc.ema_decay < 1, "training.ema_decay", tc.ema_decay, "in [0, 1)")
-    _require(tc.grad_clip >= 0, "training.grad_clip", tc.grad_clip, "≥ 0 (0 = no clipping)")
-    for key in ("log_every", "checkpoint_every", "sample_every", "archive_every"):
-        _require(tc[key] >= 0, f"training.{key}", tc[key], "≥ 0 (0 = never)")
-    _require(tc.keep_checkpoints >= 1, "training.keep_checkpoints", tc.keep_checkpoints, "≥ 1")
-    _require(0 <= config.model.dropout < 1, "model.dropout", config.model.dropout, "in [0, 1)")
-    _require(sc.num_samples >= 1, "sample.num_samples", sc.num_samples, "≥ 1")
     if sc.method == "ddim":
         _require(1 <= sc.ddim_steps <= dc.num_timesteps, "sample.ddim_steps", sc.ddim_steps,
                  f"in [1, diffusion.num_timesteps={dc.num_timesteps}]")
+
+
+def check_sample_settings(config) -> None:
+    """Labels, guidance and the editing task's settings parse and fit the model."""
+    from ddpm_jax import sampling, tasks
+
+    sampling.requested_labels(config)
+    task = config.sample.task  # an unknown one is reported by tasks.prepare_inputs
+    if task in ("img2img", "inpaint", "interpolate"):
+        tasks.resolve_t0(config, task)
+    elif task == "denoise":
+        tasks.parse_steps(config.sample.denoise_steps, config.diffusion.num_timesteps)
 
 
 def check_model_shape(config) -> None:
@@ -168,11 +319,13 @@ def check_eval_inputs(eval_config) -> None:
 def validate(config, mode: str, mesh: Mesh | None = None) -> None:
     """All checks for `mode`; `mesh` (the data mesh) enables the batch-split checks."""
     check_mode(mode)
+    check_types_and_ranges(config)
     check_choices(config)
     check_model_shape(config)
     if mode == "info":
         return
     check_numbers(config)
+    check_sample_settings(config)
     if mesh is not None:
         check_batches(config, mode, mesh)
     if mode == "train":

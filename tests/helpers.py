@@ -33,3 +33,88 @@ def tiny_config():
     config.sample.progress_every = 5
     config.sample.ddim_steps = 5
     return config
+
+
+def tiny_config_file(directory) -> str:
+    """A config file for `python -m ddpm_jax.main --config FILE` that loads `tiny_config()`."""
+    import os
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(str(directory), "tiny_config.py")
+    with open(path, "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {tests!r})\nfrom helpers import tiny_config\n\n\n"
+                "def get_config():\n    return tiny_config()\n")
+    return path
+
+
+def start_main(args: list[str], repo: str):
+    """`python -m ddpm_jax.main ARGS` in `repo`, with stdout and stderr piped as text."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": repo, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ddpm_jax.main", *args], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class Watched:
+    """A started `python -m ddpm_jax.main` whose output lines are collected, with the time each
+    arrived, by reader threads, so that a test can wait for a line and time the reaction."""
+
+    def __init__(self, args: list[str], repo: str):
+        import threading
+
+        self.process = start_main(args, repo)
+        self.lines: dict[str, list[tuple[float, str]]] = {"stdout": [], "stderr": []}
+        self._readers = [threading.Thread(target=self._read, args=(name,), daemon=True)
+                         for name in self.lines]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, name: str) -> None:
+        import time
+
+        for line in getattr(self.process, name):
+            self.lines[name].append((time.monotonic(), line.rstrip("\n")))
+
+    def wait_for(self, text: str, timeout: float = 300, stream: str = "stderr") -> float:
+        """The time the first line containing `text` arrived; fails if the process ends or
+        `timeout` passes first."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for arrived, line in list(self.lines[stream]):
+                if text in line:
+                    return arrived
+            if self.process.poll() is not None and not any(r.is_alive() for r in self._readers):
+                raise AssertionError(f"ended ({self.process.returncode}) before {text!r}:\n"
+                                     + self.text("stderr")[-3000:])
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} within {timeout} s:\n" + self.text("stderr")[-3000:])
+
+    def finish(self, timeout: float = 600) -> int:
+        code = self.process.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return code
+
+    def text(self, stream: str = "stderr") -> str:
+        return "\n".join(line for _, line in self.lines[stream])
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def trained_workdir(tmp_path_factory) -> str:
+    """A real workdir with a checkpoint at step 2 of the tiny config (for module fixtures)."""
+    from ddpm_jax import main
+
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    config = tiny_config()
+    config.training.num_steps = 2
+    main.run("train", config, workdir)
+    return workdir

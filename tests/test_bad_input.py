@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import main
-from helpers import tiny_config
+from helpers import tiny_config, trained_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,12 +37,7 @@ def _snapshot(root):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A real workdir with a checkpoint at step 2 of the tiny config."""
-    workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    config = tiny_config()
-    config.training.num_steps = 2
-    main.run("train", config, workdir)
-    return workdir
+    return trained_workdir(tmp_path_factory)
 
 
 def _set(**overrides):
@@ -53,7 +48,19 @@ def _set(**overrides):
     return change
 
 
-# (id, mode, config change, workdir: "fresh" | "trained", extra kwargs, expected message part)
+def _untyped(**overrides):
+    """Like _set, for values a config file can hold but a typed override would refuse."""
+    import ml_collections
+
+    def change(config):
+        for dotted, value in overrides.items():
+            section, key = dotted.split("__")
+            config[section] = ml_collections.ConfigDict({**config[section].to_dict(), key: value})
+    return change
+
+
+# (id, mode, config change, workdir: "fresh" | "trained" | "file", extra kwargs, expected message
+# part)
 IN_PROCESS_ROWS = [
     ("batch_not_divisible", "train", _set(training__batch_size=12), "fresh", {},
      "training.batch_size=12 is not divisible by the 8 devices of the data mesh; set "
@@ -118,6 +125,33 @@ IN_PROCESS_ROWS = [
      {"npz": "truncated"}, "as .npz (BadZipFile: File is not a zip file); the file is empty"),
     ("interpolate_with_num_mix_0", "sample", _set(sample__task="interpolate", sample__num_mix=0),
      "trained", {"npz": "good"}, "sample.num_mix=0 must be ≥ 2: the mixing weights"),
+    ("setting_of_the_wrong_type", "train", _untyped(model__ch=32.0), "fresh", {},
+     "model.ch=32.0 must be an integer ≥ 1; set --config.model.ch."),
+    ("flag_that_is_not_a_bool", "train", _untyped(data__random_flip=1), "fresh", {},
+     "data.random_flip=1 must be True or False; set --config.data.random_flip."),
+    ("infinite_number", "train", _set(training__lr=float("inf")), "fresh", {},
+     "training.lr=inf must be a finite number > 0; set --config.training.lr."),
+    ("count_below_1", "train", _set(model__num_res_blocks=0), "fresh", {},
+     "model.num_res_blocks=0 must be ≥ 1; set --config.model.num_res_blocks."),
+    ("tuple_entry_below_1", "train", _set(model__ch_mult=(1, 0)), "fresh", {},
+     "model.ch_mult=(1, 0) must be a tuple of integers ≥ 1; set --config.model.ch_mult."),
+    ("rate_outside_0_1", "train", _set(training__adam_b2=1.0), "fresh", {},
+     "training.adam_b2=1.0 must be in [0, 1); set --config.training.adam_b2."),
+    ("negative_size", "eval", _set(eval__batch_size=0), "trained", {},
+     "eval.batch_size=0 must be ≥ 1; set --config.eval.batch_size."),
+    ("negative_where_0_is_off", "sample", _set(sample__progress_every=-1), "trained", {},
+     "sample.progress_every=-1 must be ≥ 0 (0 = off); set --config.sample.progress_every."),
+    ("start_step_below_minus_1", "sample", _set(sample__t0=-2), "trained", {},
+     "sample.t0=-2 must be ≥ -1 (-1 = from sample.strength); set --config.sample.t0."),
+    ("denoise_step_outside_the_chain", "sample", _set(sample__task="denoise"), "trained", {},
+     "sample.denoise_steps: step 50 is outside 0..19."),
+    ("guidance_when_training_an_unconditional_model", "train",
+     _set(sample__guidance_scale=3.0), "fresh", {},
+     "sample.guidance_scale=3.0 needs a class-conditional model, but model.num_classes=0"),
+    ("workdir_is_a_file", "train", None, "file", {},
+     "is a file, not a directory; point --workdir at a directory (it is created if missing)."),
+    ("sampling_into_a_workdir_that_is_a_file", "sample", None, "file", {},
+     "is a file, not a directory; point --workdir at a directory (it is created if missing)."),
 ]
 
 
@@ -144,7 +178,10 @@ def test_bad_input_in_process(row, trained, tmp_path, capsys):
         config.sample.input = config.sample.input2 = str(path)
     if change is not None:
         change(config)
-    workdir = {"fresh": str(tmp_path / "run"), "trained": trained, None: None}[which]
+    workdir = {"fresh": str(tmp_path / "run"), "trained": trained, "file": str(tmp_path / "run"),
+               None: None}[which]
+    if which == "file":
+        (tmp_path / "run").write_text("not a directory")
     before = _snapshot(workdir) if workdir else None
     capsys.readouterr()
 
@@ -157,6 +194,8 @@ def test_bad_input_in_process(row, trained, tmp_path, capsys):
     assert expected in errors[0]
     if workdir:
         assert _snapshot(workdir) == before  # None == None: a fresh workdir was not created
+    if which == "file":
+        assert (tmp_path / "run").read_text() == "not a directory"
 
 
 FLAG_ROWS = [
@@ -165,6 +204,8 @@ FLAG_ROWS = [
      "for the keys."),
     ("config_value_of_wrong_type", ["--config.model.ch=abc"],
      "error: flag --config.model.ch=abc: invalid literal for int() with base 10: 'abc'"),
+    ("not_a_number_on_the_command_line", ["--config.training.lr=nan"],
+     "error: training.lr=nan must be a finite number > 0; set --config.training.lr."),
     ("missing_config_file", ["--config", "configs/nope.py"],
      "error: --config=configs/nope.py cannot be loaded ([Errno 2] No such file or directory: "
      "'configs/nope.py'); pass a config file such as configs/digits.py."),
