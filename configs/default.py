@@ -9,6 +9,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # XLA's persistent compilation cache (a gs:// path works too); "" = off.
+    config.compilation_cache_dir = "~/.cache/ddpm_jax/xla"
 
     config.data = data = ml_collections.ConfigDict()
     data.name = "cifar10"  # a TFDS name, "digits" (scikit-learn, bundled) or "imagefolder"
@@ -67,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.sample_every = 20_000  # EMA sample grid to TensorBoard and workdir/samples/
     training.num_grid_samples = 64
     training.max_nonfinite = 10  # consecutive skipped non-finite updates before stopping
+    training.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in workdir/profile
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.method = "ancestral"  # or "ddim"

@@ -14,8 +14,6 @@ import os
 import jax
 from absl import logging
 
-DEFAULT_DIR = "~/.cache/ddpm_jax/xla"
-
 _counts = {"hits": 0, "requests": 0}
 _listening = False
 

@@ -23,6 +23,7 @@ import numpy as np
 MEAN_TYPES = ("eps", "xstart", "xprev")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "l1", "kl")
+BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 # What log β̃_0 (β̃_0 = 0) is replaced by: "beta_tilde_1", log β̃_1 as `GaussianDiffusion2`
 # (CIFAR10); "1e-20", log max(β̃_t, 1e-20) as `GaussianDiffusion` (the 256×256 models).

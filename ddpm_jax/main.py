@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddpm_jax import cli
+
 MODES = ("train", "sample", "eval", "info")
 
 FLAGS = flags.FLAGS
@@ -19,8 +21,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_string("mode", "train", f"One of {', '.join(MODES)}.")
-flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample/evaluate "
-                     "(default: the latest).")
+flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample, evaluate or resume "
+                     "training from (default: the latest; in training, later ones are moved aside).")
 flags.DEFINE_boolean("verbose", False, "Also show the INFO logs of the libraries underneath "
                      "(absl, Orbax, TensorFlow, JAX, CLU); by default only ours and warnings.")
 
@@ -58,10 +60,11 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
     if not workdir:
         raise ValueError(f"--mode={mode} needs --workdir (where checkpoints and outputs go).")
 
-    from ddpm_jax import parallel
+    from ddpm_jax import compile_cache, parallel
     from ddpm_jax import workdir as workdirs
 
     parallel.maybe_initialize_distributed()
+    compile_cache.enable(config.get("compilation_cache_dir", ""))
     validate.validate(config, mode, parallel.make_mesh())
     workdirs.check_writable(workdir, {"sample": "samples", "eval": "eval"}.get(mode, ""))
     if mode == "train":
@@ -80,13 +83,6 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
             evaluate.run(config, workdir, checkpoint)
 
 
-def exit_with_error(message) -> None:
-    """The one-line `error: ...` on stderr and exit status 2, for every mistake we can name."""
-    text = " ".join(str(message).split())  # one line, whatever the message held
-    print(f"error: {text}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run_or_exit(mode: str, config, workdir: str | None, checkpoint: int | None = None) -> None:
     """`run`, with expected failures reported as one `error:` line and exit status 2."""
     from ddpm_jax.checkpointing import CheckpointWriteError
@@ -98,57 +94,12 @@ def run_or_exit(mode: str, config, workdir: str | None, checkpoint: int | None =
     except (ValueError, FileNotFoundError, KeyError, NonFiniteError, CheckpointWriteError,
             WorkdirInUseError) as e:
         logging.debug("failed", exc_info=True)
-        exit_with_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
-
-
-def _unknown_config_key(argv: list[str], error: Exception) -> str | None:
-    """`--config.a.b=...` naming a key the config does not have, with ml_collections' hint."""
-    message = error
-    while isinstance(message, BaseException):  # AttributeError(KeyError("'key'\nDid you ..."))
-        message = message.args[0] if message.args else str(message)
-    message = str(message)
-    key = message.split("'")[1] if message.count("'") >= 2 else message
-    suggestion = " ".join(message.split("\n", 1)[1:]).strip()
-    for arg in argv:
-        name = arg.split("=", 1)[0]
-        if name.startswith("--config.") and name.rsplit(".", 1)[-1] == key:
-            return (f"{name}: the config has no key {key!r}"
-                    f"{' (' + suggestion + ')' if suggestion else ''}; see configs/default.py "
-                    "for the keys.")
-    return None
-
-
-def _config_file_error(error: OSError) -> str:
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    lines = str(cause).strip().splitlines()
-    reason = getattr(cause, "strerror", None) or (lines[-1].strip() if lines else type(cause).__name__)
-    return (f"--config={FLAGS['config'].config_filename} cannot be loaded ({reason}); "
-            "pass a config file such as configs/digits.py.")
-
-
-def _load_config():
-    """FLAGS.config, or one `error:` line if the config file cannot be loaded."""
-    try:
-        config = FLAGS.config
-        if config is not None:
-            config.keys()  # the file is loaded lazily, on first use
-        return config
-    except OSError as e:
-        exit_with_error(_config_file_error(e))
+        cli.exit_with_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a bad flag or config override reported as one `error:` line."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        exit_with_error(e)
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing key
-        exit_with_error(_unknown_config_key(argv, e) or f"bad --config override: {e}")
-    except OSError as e:  # the config file itself
-        exit_with_error(_config_file_error(e))
+    return [argv[0], *cli.parse_flags(FLAGS, argv, __doc__)]
 
 
 # XLA:CPU runs most fusions of one device's program on one thread; with one CPU device per core
@@ -176,10 +127,10 @@ def main(argv: list[str]) -> None:
         os.environ["XLA_FLAGS"] = cpu_device_flags(os.environ.get("XLA_FLAGS", ""),
                                                    len(os.sched_getaffinity(0)))
     if len(argv) > 1:
-        exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = _load_config()
+        cli.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = cli.load_config(FLAGS)
     if config is None:
-        exit_with_error("--config is required, e.g. --config configs/digits.py")
+        cli.exit_with_error("--config is required, e.g. --config configs/digits.py")
     quiet_console(FLAGS.verbose)
     run_or_exit(FLAGS.mode, config, FLAGS.workdir, FLAGS.checkpoint)
 

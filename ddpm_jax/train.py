@@ -16,10 +16,10 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from ddpm_jax import (checkpointing, images, input_pipeline, optim, parallel, sampling,
+from ddpm_jax import (checkpointing, compile_cache, images, input_pipeline, optim, parallel,
+                      profiling, sampling, summaries, utilisation,
                       train_step, validate)
 from ddpm_jax.interrupt import StopSignal as _StopSignal
 
@@ -132,6 +132,9 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
     seed_key = jax.random.key(config.seed)
 
     stop = _StopSignal().install()
+    peak = utilisation.peak_flops(jax.local_devices()[0], config.model.dtype)
+    flops_per_step = None
+    profile = profiling.ProfileWindow(tuple(tc.get("profile_steps", ())), workdir)
     step = start_step
     step_fns = {}
     batches = None
@@ -149,17 +152,21 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
             batch_labels = parallel.to_global_array(batch.labels, mesh, batch_axis=1)
             if steps_this_call not in step_fns:
                 logging.info("compiling the train step (%d steps per call)...", steps_this_call)
-                started = time.perf_counter()
+                started, hits = time.perf_counter(), compile_cache.hits()
                 step_fns[steps_this_call] = train_step.make_train_step(
                     graphdef, config, mesh).lower(state, batch_images, batch_labels,
                                                   seed_key).compile()
-                logging.info("compiled the train step in %.1f s", time.perf_counter() - started)
+                logging.info("compiled the train step in %.1f s%s", time.perf_counter() - started,
+                             " (from the compilation cache)" if compile_cache.hits() > hits else "")
+                flops_per_step = utilisation.step_flops(step_fns[steps_this_call])
+            profile.before_call(step, steps_this_call)
             started = time.perf_counter()
             state, metrics = step_fns[steps_this_call](state, batch_images, batch_labels,
                                                        seed_key)
             skipped = np.asarray(jax.device_get(metrics["skipped_nonfinite"])) > 0
             clock.trained(steps_this_call, time.perf_counter() - started)
             before, step = step, step + steps_this_call
+            profile.after_call(step)
             if skipped.any():
                 skipped_in_window += int(skipped.sum())
                 if first_skipped is None:
@@ -169,13 +176,15 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
                 summary = train_step.summarize_metrics(metrics)
                 summary["param_norm"] = float(_global_norm(state.params))
                 summary["steps_per_sec"] = clock.recent_rate()
+                summary.update(utilisation.utilisation(flops_per_step, summary["steps_per_sec"],
+                                                       peak))
                 writer.write_scalars(step, summary)
                 skipped_note = (f", {int(summary['skipped_nonfinite'])} skipped as non-finite"
                                 if summary["skipped_nonfinite"] else "")
-                logging.info("step %d/%d loss %.5f grad_norm %.3f lr %.3g%s | %.2f steps/s | "
+                logging.info("step %d/%d loss %.5f grad_norm %.3f lr %.3g%s | %.2f steps/s%s | "
                              "ETA %s", step, tc.num_steps, summary["loss"], summary["grad_norm"],
                              summary["learning_rate"], skipped_note, summary["steps_per_sec"],
-                             _format_seconds(clock.eta(step)))
+                             utilisation.describe(summary), _format_seconds(clock.eta(step)))
             streak = int(state.nonfinite_streak)
             if streak >= tc.max_nonfinite:
                 checkpointing.wait_until_finished(manager)
@@ -206,6 +215,7 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
                     _save(manager, step, state, config, clock)
                 break
     finally:
+        profile.close()
         checkpointing.wait_until_finished(manager)
         writer.flush()
         stop.uninstall()
@@ -259,12 +269,10 @@ def _grid_path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "samples", f"step_{step:08d}.png")
 
 
-def _make_writer(workdir: str) -> metric_writers.MetricWriter:
-    """TensorBoard events from process 0 only; the console gets our own progress line instead
-    of clu's per-scalar log lines."""
-    if jax.process_index() > 0:
-        return metric_writers.MultiWriter([])
-    return metric_writers.SummaryWriter(workdir)
+def _make_writer(workdir: str) -> summaries.SummaryWriter:
+    """TensorBoard events from process 0 only (no TensorFlow needed); the console gets our own
+    progress line."""
+    return summaries.SummaryWriter(workdir, enabled=jax.process_index() == 0)
 
 
 def _save(manager, step: int, state, config, clock: "_Clock") -> None:

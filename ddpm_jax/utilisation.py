@@ -91,13 +91,22 @@ def measured_cpu_peak(cache_path: str = CPU_PEAK_CACHE) -> float:
     return peak
 
 
-def utilisation(flops_per_step: float | None, steps: int, seconds: float,
+def utilisation(flops_per_step: float | None, steps_per_sec: float,
                 peak: float | None) -> dict[str, float]:
     """TFLOP/s per device and, where the peak is known, the fraction of it."""
-    if not flops_per_step or seconds <= 0:
+    if not flops_per_step or steps_per_sec <= 0:
         return {}
-    achieved = flops_per_step * steps / seconds
+    achieved = flops_per_step * steps_per_sec
     out = {"tflops_per_device": achieved / TERA}
     if peak:
         out["fraction_of_peak"] = achieved / peak
     return out
+
+
+def describe(figures: dict[str, float]) -> str:
+    """` | 0.15 TFLOP/s per device (31% of peak)` for the console, or "" without figures."""
+    if "tflops_per_device" not in figures:
+        return ""
+    fraction = figures.get("fraction_of_peak")
+    return (f" | {figures['tflops_per_device']:.3g} TFLOP/s per device"
+            + (f" ({100 * fraction:.0f}% of peak)" if fraction is not None else ""))

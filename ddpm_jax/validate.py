@@ -17,16 +17,19 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from ddpm_jax import diffusion, gradients, profiling
+
 MODES = ("train", "sample", "eval", "info")
 
-# Every value the code accepts for each enumerated config entry.
+# Every value the code accepts for each enumerated config entry, from the modules that
+# implement them.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "diffusion.beta_schedule": ("linear", "quad", "const", "jsd", "warmup10", "warmup50",
-                                "cosine"),
-    "diffusion.mean_type": ("eps", "xstart", "xprev"),
-    "diffusion.var_type": ("fixedlarge", "fixedsmall", "learned", "learned_range"),
-    "diffusion.loss_type": ("mse", "l1", "kl"),
-    "training.clip_mode": ("group", "per_device", "global"),
+    "diffusion.beta_schedule": diffusion.BETA_SCHEDULES,
+    "diffusion.mean_type": diffusion.MEAN_TYPES,
+    "diffusion.var_type": diffusion.VAR_TYPES,
+    "diffusion.loss_type": diffusion.LOSS_TYPES,
+    "diffusion.t0_log_variance": diffusion.T0_LOG_VARIANCES,
+    "training.clip_mode": gradients.CLIP_MODES,
     "training.adam_eps_style": ("tf", "optax"),
     "sample.method": ("ancestral", "ddim"),
     "sample.ddim_skip": ("uniform", "quad"),
@@ -103,6 +106,7 @@ TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a finite number"
 # ddim_steps, t0, channels, ch, the model's resolutions) are checked in code below.
 RULES: dict[str, Rule] = {
     "seed": ANY_INT,
+    "compilation_cache_dir": STR,
     "data.name": STR, "data.split": STR, "data.eval_split": STR,
     "data.image_size": COUNT,
     "data.channels": ANY_INT,
@@ -121,7 +125,7 @@ RULES: dict[str, Rule] = {
     "diffusion.beta_start": Rule(float, 0, 1, low_open=True, high_open=True),
     "diffusion.beta_end": Rule(float, 0, 1, low_open=True, high_open=True),
     "diffusion.beta_schedule": STR, "diffusion.mean_type": STR, "diffusion.var_type": STR,
-    "diffusion.loss_type": STR,
+    "diffusion.loss_type": STR, "diffusion.t0_log_variance": STR,
     "training.batch_size": COUNT,
     "training.num_steps": COUNT,
     "training.lr": Rule(float, 0, low_open=True),
@@ -132,6 +136,8 @@ RULES: dict[str, Rule] = {
     "training.adam_eps_style": STR,
     "training.grad_clip": Rule(float, 0, note="0 = no clipping"),
     "training.clip_mode": STR,
+    "training.clip_group_size": COUNT,
+    "training.microbatch_size": Rule(int, 0, note="0 = the whole shard"),
     "training.ema_decay": RATE,
     "training.steps_per_call": COUNT,
     "training.log_every": EVERY,
@@ -141,6 +147,7 @@ RULES: dict[str, Rule] = {
     "training.sample_every": EVERY,
     "training.num_grid_samples": COUNT,
     "training.max_nonfinite": COUNT,
+    "training.profile_steps": Rule(tuple, items=COUNT),
     "sample.method": STR,
     "sample.num_samples": COUNT,
     "sample.batch_size": COUNT,
@@ -216,6 +223,7 @@ def check_numbers(config) -> None:
     dc, sc = config.diffusion, config.sample
     _require(dc.beta_start <= dc.beta_end, "diffusion.beta_end", dc.beta_end,
              f"in [diffusion.beta_start={dc.beta_start}, 1) with beta_start > 0")
+    profiling.check_window(tuple(config.training.get("profile_steps", ())))
     if sc.method == "ddim":
         _require(1 <= sc.ddim_steps <= dc.num_timesteps, "sample.ddim_steps", sc.ddim_steps,
                  f"in [1, diffusion.num_timesteps={dc.num_timesteps}]")
@@ -294,6 +302,7 @@ def check_batches(config, mode: str, mesh: Mesh) -> None:
     """Every batch the mode splits over the mesh splits evenly."""
     if mode == "train":
         _check_divisible(config.training.batch_size, mesh, "training.batch_size")
+        gradients.group_layout(config.training, config.training.batch_size, mesh.devices.size)
     elif mode == "sample":
         _check_divisible(config.sample.batch_size, mesh, "sample.batch_size")
     elif mode == "eval":

@@ -18,10 +18,11 @@ def test_step_flops_of_a_matmul_is_2mnk():
 
 
 def test_utilisation_is_flops_times_steps_over_time_and_peak():
-    got = utilisation.utilisation(2e12, steps=10, seconds=4.0, peak=10e12)
+    got = utilisation.utilisation(2e12, steps_per_sec=2.5, peak=10e12)
     assert got == {"tflops_per_device": pytest.approx(5.0), "fraction_of_peak": pytest.approx(0.5)}
-    assert utilisation.utilisation(None, 10, 4.0, 1e12) == {}
-    assert "fraction_of_peak" not in utilisation.utilisation(1e12, 1, 1.0, None)
+    assert utilisation.describe(got) == " | 5 TFLOP/s per device (50% of peak)"
+    assert utilisation.utilisation(None, 2.5, 1e12) == {} and utilisation.describe({}) == ""
+    assert "fraction_of_peak" not in utilisation.utilisation(1e12, 1.0, None)
 
 
 class _Device:
