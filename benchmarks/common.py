@@ -251,6 +251,29 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
     return result
 
 
+def op_time_by_category(events: list[dict], ops: dict[str, tuple[str, float]]
+                        ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Seconds per instruction, and seconds and GFLOP per category, from trace events.
+
+    Every event is one execution of an instruction: on each device, and on each iteration of
+    the `steps_per_call` loop. FLOPs are counted per execution, since `hlo_ops` has those of
+    one execution (on one device, loop body once).
+    """
+    per_op: dict[str, float] = {}
+    by_category: dict[str, dict[str, float]] = {}
+    for event in events:
+        op = (event.get("args") or {}).get("hlo_op")
+        if not (op and event.get("ph") == "X"):
+            continue
+        seconds = event["dur"] * 1e-6
+        per_op[op] = per_op.get(op, 0.0) + seconds
+        category, flops = ops.get(op, ("other", 0.0))
+        entry = by_category.setdefault(category, {"s": 0.0, "gflop": 0.0})
+        entry["s"] += seconds
+        entry["gflop"] += flops / 1e9
+    return per_op, by_category
+
+
 def profile_ops(run: Callable[[], Any], log_dir: str, hlo_text: str, top: int = 12
                 ) -> dict[str, Any]:
     """Runs `run()` under the JAX profiler and sums XLA:CPU's per-instruction events.
@@ -274,18 +297,8 @@ def profile_ops(run: Callable[[], Any], log_dir: str, hlo_text: str, top: int = 
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    per_op: dict[str, float] = {}
-    for event in events:
-        op = (event.get("args") or {}).get("hlo_op")
-        if op and event.get("ph") == "X":
-            per_op[op] = per_op.get(op, 0.0) + event["dur"] * 1e-6
     ops = hlo_ops(hlo_text)
-    by_category: dict[str, dict[str, float]] = {}
-    for op, seconds in per_op.items():
-        category, flops = ops.get(op, ("other", 0.0))
-        entry = by_category.setdefault(category, {"s": 0.0, "gflop": 0.0})
-        entry["s"] += seconds
-        entry["gflop"] += flops / 1e9
+    per_op, by_category = op_time_by_category(events, ops)
     total = sum(per_op.values()) or 1.0
     for entry in by_category.values():
         entry["share"] = entry["s"] / total
