@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.grad_clip = 1.0
     training.clip_mode = "per_device"  # like the original's 8 x 16 replicas; or "global"
     training.ema_decay = 0.9999
+    training.ema_warmup = False  # True: decay_t = min(ema_decay, (1 + t) / (10 + t)); the paper: off
     training.steps_per_call = 100  # optimizer steps per host call (lax.scan)
     training.log_every = 100
     training.checkpoint_every = 10_000
