@@ -189,7 +189,7 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
     Fusions are labelled by the heaviest operation they call (convolution > dot > other), so
     time can be attributed to convolutions, matmuls and elementwise/reduction work. Convolutions
     are split into forward, input-gradient and kernel-gradient by the named scopes of
-    `ddpm_jax/conv.py`. Their FLOPs are 2 · output size · window size · input features (zeros
+    `ddpm_jax/conv.py` (the im2col kernel gradient's matmul included). Their FLOPs are 2 · output size · window size · input features (zeros
     inserted by an input dilation included).
     """
     import math
@@ -221,7 +221,7 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
         target = re.search(r"calls=%?([\w.\-]+)", line)
         if target:
             calls[name] = target.group(1)
-        if opcode == "convolution":
+        if opcode == "convolution" or (opcode == "dot" and "conv_kernel_gradient" in line):
             conv_lines.append((current, name, line))
 
     convs: dict[str, tuple[str, float]] = {}  # conv instruction or its computation → (kind, flops)
@@ -231,7 +231,12 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
         window = re.search(r"size=([\dx]+)", line)
         labels = re.search(r"dim_labels=\w+_(\w+)->", line)
         flops = 0.0
-        if operands and window and labels and name in shapes and operands.group(2) in shapes:
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]+)\}", line)
+        lhs = re.search(r"dot\(%?([\w.\-]+),", line)
+        if contracting and lhs and name in shapes and lhs.group(1) in shapes:  # im2col matmul
+            flops = 2.0 * math.prod(shapes[name]) * math.prod(
+                shapes[lhs.group(1)][int(d)] for d in contracting.group(1).split(","))
+        elif operands and window and labels and name in shapes and operands.group(2) in shapes:
             in_features = shapes[operands.group(2)][labels.group(1).index("i")]
             taps = math.prod(int(v) for v in window.group(1).split("x"))
             flops = 2.0 * math.prod(shapes[name]) * taps * in_features
