@@ -80,27 +80,3 @@ def test_tpu_and_gpu_keep_xla_gradients(monkeypatch):
     loss = lambda w: _ours(x, w, 1).sum()
     hlo = jax.jit(jax.grad(loss)).lower(w).as_text()
     assert "conv_kernel_gradient" not in hlo and "conv_input_gradient" not in hlo
-
-
-def test_profile_labels_the_im2col_kernel_gradient(monkeypatch):
-    """benchmarks/common.hlo_ops counts the 1-channel layer's im2col matmul as the kernel
-    gradient, with the same FLOPs as the convolution it replaces: 2·B·H·W·C_in·C_out·9."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-    import common
-
-    monkeypatch.setattr(conv, "KERNEL_GRAD", "explicit")
-    batch, size, c_in, c_out = 2, 8, 1, 6
-    x = jax.numpy.ones((batch, size, size, c_in))
-    w = jax.numpy.ones((3, 3, c_in, c_out))
-    loss = lambda w: jax.numpy.sum(_ours(x, w, 1) ** 2)
-    hlo = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
-    flops_by_kind = {}
-    for kind, flops in common.hlo_ops(hlo).values():
-        if kind.startswith("convolution"):
-            flops_by_kind[kind] = flops
-    expected = 2 * batch * size * size * c_in * c_out * 9
-    assert flops_by_kind == {"convolution: forward": expected,
-                             "convolution: kernel gradient": expected}
