@@ -189,7 +189,7 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
     Fusions are labelled by the heaviest operation they call (convolution > dot > other), so
     time can be attributed to convolutions, matmuls and elementwise/reduction work. Convolutions
     are split into forward, input-gradient and kernel-gradient by the named scopes of
-    `ddpm_jax/conv.py`. Their FLOPs are 2 · output size · window size · input features (zeros
+    `ddpm_jax/conv.py` (the im2col kernel gradient's matmul included). Their FLOPs are 2 · output size · window size · input features (zeros
     inserted by an input dilation included).
     """
     import math
@@ -221,7 +221,7 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
         target = re.search(r"calls=%?([\w.\-]+)", line)
         if target:
             calls[name] = target.group(1)
-        if opcode == "convolution":
+        if opcode == "convolution" or (opcode == "dot" and "conv_kernel_gradient" in line):
             conv_lines.append((current, name, line))
 
     convs: dict[str, tuple[str, float]] = {}  # conv instruction or its computation → (kind, flops)
@@ -231,7 +231,12 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
         window = re.search(r"size=([\dx]+)", line)
         labels = re.search(r"dim_labels=\w+_(\w+)->", line)
         flops = 0.0
-        if operands and window and labels and name in shapes and operands.group(2) in shapes:
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]+)\}", line)
+        lhs = re.search(r"dot\(%?([\w.\-]+),", line)
+        if contracting and lhs and name in shapes and lhs.group(1) in shapes:  # im2col matmul
+            flops = 2.0 * math.prod(shapes[name]) * math.prod(
+                shapes[lhs.group(1)][int(d)] for d in contracting.group(1).split(","))
+        elif operands and window and labels and name in shapes and operands.group(2) in shapes:
             in_features = shapes[operands.group(2)][labels.group(1).index("i")]
             taps = math.prod(int(v) for v in window.group(1).split("x"))
             flops = 2.0 * math.prod(shapes[name]) * taps * in_features
@@ -249,6 +254,29 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
         else:
             result[name] = (opcode, 0.0)
     return result
+
+
+def op_time_by_category(events: list[dict], ops: dict[str, tuple[str, float]]
+                        ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Seconds per instruction, and seconds and GFLOP per category, from trace events.
+
+    Every event is one execution of an instruction: on each device, and on each iteration of
+    the `steps_per_call` loop. FLOPs are counted per execution, since `hlo_ops` has those of
+    one execution (on one device, loop body once).
+    """
+    per_op: dict[str, float] = {}
+    by_category: dict[str, dict[str, float]] = {}
+    for event in events:
+        op = (event.get("args") or {}).get("hlo_op")
+        if not (op and event.get("ph") == "X"):
+            continue
+        seconds = event["dur"] * 1e-6
+        per_op[op] = per_op.get(op, 0.0) + seconds
+        category, flops = ops.get(op, ("other", 0.0))
+        entry = by_category.setdefault(category, {"s": 0.0, "gflop": 0.0})
+        entry["s"] += seconds
+        entry["gflop"] += flops / 1e9
+    return per_op, by_category
 
 
 def profile_ops(run: Callable[[], Any], log_dir: str, hlo_text: str, top: int = 12
@@ -274,18 +302,8 @@ def profile_ops(run: Callable[[], Any], log_dir: str, hlo_text: str, top: int = 
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    per_op: dict[str, float] = {}
-    for event in events:
-        op = (event.get("args") or {}).get("hlo_op")
-        if op and event.get("ph") == "X":
-            per_op[op] = per_op.get(op, 0.0) + event["dur"] * 1e-6
     ops = hlo_ops(hlo_text)
-    by_category: dict[str, dict[str, float]] = {}
-    for op, seconds in per_op.items():
-        category, flops = ops.get(op, ("other", 0.0))
-        entry = by_category.setdefault(category, {"s": 0.0, "gflop": 0.0})
-        entry["s"] += seconds
-        entry["gflop"] += flops / 1e9
+    per_op, by_category = op_time_by_category(events, ops)
     total = sum(per_op.values()) or 1.0
     for entry in by_category.values():
         entry["share"] = entry["s"] / total

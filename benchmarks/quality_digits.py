@@ -10,6 +10,12 @@ line: the class histogram, the mean classifier confidence on the samples, and th
 confidence on held-out real digits for comparison. Recognisable, diverse digits give a
 confidence near the real digits' and a roughly flat histogram.
 
+It also reports `frechet_distance`: the Fréchet distance between the samples and the held-out
+real digits in the 64-unit hidden layer of a small MLP classifier fitted on the training half
+(the digits' analogue of FID), next to `frechet_distance_real`, the same distance of as many
+real training-half digits (at most the 898 there; `frechet_real_count`), for scale: lower is
+better, and a model at the real-vs-real value draws digits as varied and typical as the real ones.
+
 For a class-conditional run (`model.num_classes = 10`) sample i is requested as digit i mod 10,
 drawn with classifier-free guidance `--guidance_scale` (default: the config's), and the line
 adds `guided_accuracy`: the fraction the classifier assigns to the requested digit, overall and
@@ -30,7 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import images, parallel, sampling  # noqa: E402
+from ddpm_jax import images, metrics, parallel, sampling  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/digits.py", "The run's config.")
 flags.DEFINE_string("workdir", None, "The trained digits run.", required=True)
@@ -42,16 +48,53 @@ flags.DEFINE_float("guidance_scale", None, "Conditional runs: classifier-free gu
 FLAGS = flags.FLAGS
 
 
-def fit_digit_classifier(seed: int = 0):
-    """An RBF SVM on half of the real 8x8 digits; returns it and its held-out accuracy/confidence."""
+def split_digits(seed: int = 0):
+    """scikit-learn's real 8x8 digits in [0, 1], split in halves: x_train, x_test, y_train, y_test."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from sklearn.svm import SVC
 
     digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.data / 16.0, digits.target, test_size=0.5, random_state=seed,
-        stratify=digits.target)
+    return train_test_split(digits.data / 16.0, digits.target, test_size=0.5,
+                            random_state=seed, stratify=digits.target)
+
+
+def fit_feature_network(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0):
+    """A 64-unit MLP classifier on the training half; its hidden layer is the feature space."""
+    from sklearn.neural_network import MLPClassifier
+
+    return MLPClassifier(hidden_layer_sizes=(64,), max_iter=2000, random_state=seed).fit(
+        x_train, y_train)
+
+
+def hidden_features(network, pixels: np.ndarray) -> np.ndarray:
+    """ReLU activations of the network's hidden layer for [n, 64] pixels in [0, 1]."""
+    return np.maximum(pixels @ network.coefs_[0] + network.intercepts_[0], 0.0)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    return metrics.fid_from_stats(*metrics.stats_from_features(features_a),
+                                  *metrics.stats_from_features(features_b))
+
+
+def frechet_report(samples_uint8: np.ndarray, seed: int = 0) -> dict:
+    """Fréchet distance of the samples to the held-out real digits, and real vs real for scale."""
+    x_train, x_test, y_train, _ = split_digits(seed)
+    network = fit_feature_network(x_train, y_train, seed)
+    pixels = samples_uint8.reshape(len(samples_uint8), -1).astype(np.float64) / 255.0
+    held_out = hidden_features(network, x_test)
+    count = min(len(pixels), len(x_train))
+    real = np.random.default_rng(seed).permutation(len(x_train))[:count]
+    return {"frechet_distance": frechet_distance(hidden_features(network, pixels), held_out),
+            "frechet_distance_real": frechet_distance(hidden_features(network, x_train[real]),
+                                                      held_out),
+            "frechet_real_count": count}
+
+
+def fit_digit_classifier(seed: int = 0):
+    """An RBF SVM on half of the real 8x8 digits; returns it and its held-out accuracy/confidence."""
+    from sklearn.svm import SVC
+
+    x_train, x_test, y_train, y_test = split_digits(seed)
     classifier = SVC(gamma="scale", probability=True, random_state=seed).fit(x_train, y_train)
     probabilities = classifier.predict_proba(x_test)
     return classifier, {
@@ -92,6 +135,7 @@ def main(argv):
     seconds = time.time() - start
     classifier, reference = fit_digit_classifier()
     result = classify(classifier, samples)
+    result.update(frechet_report(samples))
     predicted = result.pop("predicted")
     if conditional:
         correct = predicted == requested

@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.clip_group_size = 16
     training.microbatch_size = 0  # per device; > 0 accumulates gradients over chunks (memory)
     training.ema_decay = 0.9999
+    training.ema_warmup = False  # True: decay_t = min(ema_decay, (1 + t) / (10 + t)); the paper: off
     training.steps_per_call = 100  # optimizer steps per host call (lax.scan)
     training.log_every = 100
     training.checkpoint_every = 10_000

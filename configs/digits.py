@@ -24,6 +24,7 @@ def get_config():
     config.training.lr = 1e-3
     config.training.warmup_steps = 200
     config.training.ema_decay = 0.995  # a short run: keep the shadow close to recent weights
+    config.training.ema_warmup = True  # ... and let it forget the initial weights quickly
     config.training.steps_per_call = 50
     config.training.log_every = 250
     config.training.checkpoint_every = 1000

@@ -21,5 +21,6 @@ def get_config():
     config.model.ch_mult = (1, 2, 2, 2)  # 64 → 32 → 16 (attention) → 8
     config.training.batch_size = 64
     config.training.num_steps = 200_000
+    config.training.ema_warmup = True  # early grids from an EMA that has caught up
     config.training.sample_every = 10_000
     return config

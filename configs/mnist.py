@@ -13,6 +13,7 @@ def get_config():
     config.model.ch_mult = (1, 2, 2)
     config.model.dropout = 0.1
     config.training.num_steps = 50_000
+    config.training.ema_warmup = True  # early grids from an EMA that has caught up
     config.training.sample_every = 5000
     config.training.checkpoint_every = 5000
     return config

@@ -16,6 +16,12 @@ a convolution of x_padᵀ [i, H, W, b] with gᵀ [Ho, Wo, b, o] dilated by the s
 padded by (k − 1 − p_lo, k − 1 − p_hi + r), r = (H + p_lo + p_hi − k) mod s (the rows the
 strided forward pass never reached). `KERNEL_GRAD = "auto"` uses them on the CPU backend only;
 TPU/GPU keep XLA's own gradients.
+
+The kernel gradient of a layer with few input channels (the image's 1 or 3, `IM2COL_MAX_IN`)
+is instead one matmul of the 9 shifted windows of x (im2col, [B·Ho·Wo, k²·i]) with g
+([B·Ho·Wo, o]): the canonical convolution then has only i = 1-3 "images" and runs at a third
+of the matmul's rate, and the shifted copies are cheap at 1-3 channels. At 32-256 channels the
+canonical convolution stays fastest (benchmarks/README.md: the formulations measured per shape).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from jax import lax
 KERNEL_GRAD = "auto"
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# Layers with at most this many input channels take the im2col kernel gradient.
+IM2COL_MAX_IN = 3
 
 
 def _use_explicit() -> bool:
@@ -66,12 +74,35 @@ def _backward(strides, padding, precision, residuals, g):
                                       lhs_dilation=strides, dimension_numbers=_NHWC,
                                       precision=precision).astype(x.dtype)
     with jax.named_scope("conv_kernel_gradient"):
-        x_t = jnp.transpose(x, (3, 1, 2, 0))  # [i, H, W, b]
-        g_t = jnp.transpose(g, (1, 2, 0, 3))  # [Ho, Wo, b, o]
-        dw = lax.conv_general_dilated(x_t, g_t, (1, 1), padding, rhs_dilation=strides,
-                                      dimension_numbers=_NHWC, precision=precision)
-        dw = jnp.transpose(dw[:, :kh, :kw, :], (1, 2, 0, 3))  # [kh, kw, i, o]
+        if x.shape[3] <= IM2COL_MAX_IN and min(min(p) for p in padding) >= 0:
+            dw = _kernel_grad_im2col(x, g, (kh, kw), strides, padding, precision)
+        else:
+            dw = _kernel_grad_canonical(x, g, (kh, kw), strides, padding, precision)
     return dx, dw.astype(w.dtype)
+
+
+def _kernel_grad_canonical(x, g, window, strides, padding, precision):
+    """dW as a canonical convolution of xᵀ [i, H, W, b] with gᵀ [Ho, Wo, b, o]."""
+    kh, kw = window
+    x_t = jnp.transpose(x, (3, 1, 2, 0))  # [i, H, W, b]
+    g_t = jnp.transpose(g, (1, 2, 0, 3))  # [Ho, Wo, b, o]
+    dw = lax.conv_general_dilated(x_t, g_t, (1, 1), padding, rhs_dilation=strides,
+                                  dimension_numbers=_NHWC, precision=precision)
+    return jnp.transpose(dw[:, :kh, :kw, :], (1, 2, 0, 3))  # [kh, kw, i, o]
+
+
+def _kernel_grad_im2col(x, g, window, strides, padding, precision):
+    """dW[kh, kw] = Σ_{b,y,x} x_pad[b, s·y + kh, s·x + kw]ᵀ g[b, y, x] as one matmul over the
+    k² shifted (and strided) windows of x stacked on the channel axis."""
+    kh, kw = window
+    (sh, sw), (ho, wo) = strides, g.shape[1:3]
+    x_pad = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    windows = [x_pad[:, a:a + sh * (ho - 1) + 1:sh, c:c + sw * (wo - 1) + 1:sw, :]
+               for a in range(kh) for c in range(kw)]
+    columns = jnp.concatenate(windows, axis=-1)  # [b, Ho, Wo, kh·kw·i]
+    dw = jnp.einsum("bhwk,bhwo->ko", columns, g.astype(x.dtype), precision=precision,
+                    preferred_element_type=jnp.float32)
+    return dw.reshape(kh, kw, x.shape[3], g.shape[3])
 
 
 _conv_explicit_kernel_grad.defvjp(_forward, _backward)

@@ -31,6 +31,20 @@ NUM_QUARTILES = 4
 LABEL_DROPOUT_STREAM = 0x6C61626C
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array | float:
+    """The EMA decay of the update after `step` updates.
+
+    With `warmup` it is `min(decay, (1 + step) / (10 + step))` (the `num_updates` form of
+    `tf.train.ExponentialMovingAverage`), so that a short run's shadow forgets the initial
+    weights: after N updates its share of them is prod_t (1 + t)/(10 + t) ≈ 9!/N^9 instead of
+    decay^N. Without it (the paper) the decay is constant from step 0.
+    """
+    if not warmup:
+        return decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer updates done so far
     params: models.Params
@@ -161,6 +175,7 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
     loss_fn = make_loss_fn(graphdef, config)
     num_timesteps = config.diffusion.num_timesteps
     num_classes = config.model.num_classes
+    ema_warmup = bool(tc.get("ema_warmup", False))  # configs saved before the key: the paper's
     class_dropout = float(config.model.get("class_dropout", 0.0))
     if unet.is_conditional(num_classes) and not 0.0 <= class_dropout < 1.0:
         raise ValueError(f"model.class_dropout={class_dropout} must be in [0, 1).")
@@ -194,7 +209,8 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = optim.ema_update(state.ema_params, params, tc.ema_decay)
+        ema_params = optim.ema_update(state.ema_params, params,
+                                      ema_decay_at(state.step, tc.ema_decay, ema_warmup))
 
         # A non-finite loss or gradient anywhere skips the update on every device alike.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -124,12 +124,54 @@ def _dense(
     )
 
 
+# "auto": statistics as matmuls on the CPU backend (GroupNorm.__call__); "native": nnx's.
+GROUP_NORM_STATS = "auto"
+
+
+def group_norm_matmul_stats(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+                            epsilon: float) -> jax.Array:
+    """GroupNorm of NHWC `x` (float32) with two-pass statistics summed by matmuls.
+
+    Same math as nnx.GroupNorm(use_fast_variance=False): per-channel sums over the pixels are
+    a [B, HW, C]·1 product and the channel → group averages a [C, G] membership matmul, because
+    XLA:CPU runs the equivalent reductions over [B, HW, G, C/G] at a fraction of memory speed
+    (measured in benchmarks/README.md).
+    """
+    b, h, w, c = x.shape
+    size = c // num_groups
+    flat = x.reshape(b, h * w, c)
+    ones = jnp.ones((h * w,), x.dtype)
+    member = (jnp.arange(c)[:, None] // size == jnp.arange(num_groups)[None, :]).astype(x.dtype)
+
+    def group_mean(v):  # [b, hw, c] → [b, 1, c]: the mean over each channel's group
+        sums = jnp.einsum("bnc,n->bc", v, ones, precision="highest")
+        per_group = jnp.einsum("bc,cg->bg", sums, member, precision="highest") / (h * w * size)
+        return jnp.einsum("bg,cg->bc", per_group, member, precision="highest")[:, None, :]
+
+    centred = flat - group_mean(flat)
+    normed = centred * jax.lax.rsqrt(group_mean(centred * centred) + epsilon)
+    return (normed * scale + bias).reshape(x.shape)
+
+
+class GroupNorm(nnx.GroupNorm):
+    """nnx.GroupNorm (same parameters, same math); on CPU the statistics are matmuls."""
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        use_matmul = (GROUP_NORM_STATS == "auto" and jax.default_backend() == "cpu"
+                      and mask is None and x.ndim == 4 and self.reduction_axes is None
+                      and self.scale is not None and self.bias is not None)
+        if not use_matmul:
+            return super().__call__(x, mask=mask)
+        return group_norm_matmul_stats(x.astype(jnp.float32), self.scale[...], self.bias[...],
+                                       self.num_groups, self.epsilon)
+
+
 def _group_norm(ch: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
     """tf.contrib group_norm defaults: 32 contiguous groups, eps 1e-6, biased two-pass variance.
 
     Computed in float32 whatever the model's compute dtype.
     """
-    return nnx.GroupNorm(
+    return GroupNorm(
         ch,
         num_groups=NUM_GROUPS,
         epsilon=GROUP_NORM_EPS,

@@ -72,7 +72,8 @@ def test_bfloat16_gradients_keep_their_dtypes():
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
 
 
-def test_profile_labels_and_flops_of_the_three_convolutions():
+@pytest.mark.parametrize("c_in", [4, 1])  # 1: the kernel gradient is the im2col matmul
+def test_profile_labels_and_flops_of_the_three_convolutions(c_in):
     """benchmarks/common.hlo_ops finds forward, input- and kernel-gradient convolutions by the
     scopes `conv.py` names, with FLOPs 2·B·H·W·C_in·C_out·k² each (stride 1, SAME)."""
     import os
@@ -81,7 +82,7 @@ def test_profile_labels_and_flops_of_the_three_convolutions():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
     import common
 
-    batch, size, c_in, c_out = 2, 8, 4, 6
+    batch, size, c_out = 2, 8, 6
     x = jnp.ones((batch, size, size, c_in))
     w = jnp.ones((3, 3, c_in, c_out))
 
