@@ -199,9 +199,10 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
                     first_skipped = None
                 skipped_in_window = 0
             if crossed(before, step, tc.sample_every) or step == tc.num_steps:
-                logging.info("drawing %d EMA samples for the grid at step %d%s...",
-                             tc.num_grid_samples, step,
-                             "" if clock.grids_drawn else " (includes compiling the sampler)")
+                logging.info("drawing %d samples for the grid at step %d from the EMA weights "
+                             "(decay %g%s)%s...", tc.num_grid_samples, step, tc.ema_decay,
+                             ", with warm-up" if tc.get("ema_warmup", False) else "",
+                             "" if clock.grids_drawn else ", includes compiling the sampler")
                 started = time.perf_counter()
                 write_sample_grid(config, workdir, writer, graphdef, state, mesh, step)
                 clock.drew_grid(time.perf_counter() - started)

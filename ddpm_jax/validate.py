@@ -139,6 +139,7 @@ RULES: dict[str, Rule] = {
     "training.clip_group_size": COUNT,
     "training.microbatch_size": Rule(int, 0, note="0 = the whole shard"),
     "training.ema_decay": RATE,
+    "training.ema_warmup": BOOL,
     "training.steps_per_call": COUNT,
     "training.log_every": EVERY,
     "training.checkpoint_every": EVERY,
