@@ -38,13 +38,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from ddpm_jax import images, metrics, parallel, sampling  # noqa: E402
 
-config_flags.DEFINE_config_file("config", "configs/digits.py", "The run's config.")
-flags.DEFINE_string("workdir", None, "The trained digits run.", required=True)
-flags.DEFINE_integer("num_samples", 1000, "How many digits to generate.")
-flags.DEFINE_string("method", "ancestral", "ancestral or ddim.")
-flags.DEFINE_integer("seed", 1, "Sampling seed.")
-flags.DEFINE_float("guidance_scale", None, "Conditional runs: classifier-free guidance w "
-                   "(default: the config's sample.guidance_scale).")
 FLAGS = flags.FLAGS
 
 
@@ -149,5 +142,18 @@ def main(argv):
                       "sampling_seconds": round(seconds, 1), **result, **reference}))
 
 
+def define_flags() -> None:
+    """The command line's flags; defined only when run as a script, so that tests can import
+    the functions next to other modules' absl flags."""
+    config_flags.DEFINE_config_file("config", "configs/digits.py", "The run's config.")
+    flags.DEFINE_string("workdir", None, "The trained digits run.", required=True)
+    flags.DEFINE_integer("num_samples", 1000, "How many digits to generate.")
+    flags.DEFINE_string("method", "ancestral", "ancestral or ddim.")
+    flags.DEFINE_integer("seed", 1, "Sampling seed.")
+    flags.DEFINE_float("guidance_scale", None, "Conditional runs: classifier-free guidance w "
+                       "(default: the config's sample.guidance_scale).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
