@@ -513,9 +513,7 @@ def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str
 
 def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
     """`--mode=eval`: metrics of the latest (or `checkpoint`) EMA weights → `eval/<step>.json`."""
-    from clu import metric_writers
-
-    from ddpm_jax import sampling
+    from ddpm_jax import sampling, summaries
 
     ec = config.eval
     mesh = parallel.make_mesh()
@@ -566,8 +564,7 @@ def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
         scalars.update({f"eval/bpd_{name}": values["total"],
                         f"eval/bpd_{name}_prior": values["prior"],
                         f"eval/bpd_{name}_decoder": values["decoder"]})
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+    writer = summaries.SummaryWriter(workdir, enabled=jax.process_index() == 0)
     writer.write_scalars(step, scalars)
     writer.close()
     if jax.process_index() == 0:

@@ -7,14 +7,24 @@ import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-BLOCK_TENSORFLOW = textwrap.dedent("""
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name == "tensorflow" or name.startswith("tensorflow."):
-                raise ImportError("tensorflow is blocked for this test")
-    sys.meta_path.insert(0, _Block())
-""")
+
+def hide_modules(*names: str) -> str:
+    """Python source that makes `names` look uninstalled: the path finder no longer sees them,
+    so `import` raises ModuleNotFoundError and `importlib.util.find_spec` returns None."""
+    return textwrap.dedent(f"""
+        import importlib.machinery, sys
+        class _Hidden(importlib.machinery.PathFinder):
+            @classmethod
+            def find_spec(cls, name, path=None, target=None):
+                if name.split(".")[0] in {names!r}:
+                    return None
+                return super().find_spec(name, path, target)
+        sys.meta_path = [_Hidden if f is importlib.machinery.PathFinder else f
+                         for f in sys.meta_path]
+    """)
+
+
+BLOCK_TENSORFLOW = hide_modules("tensorflow", "tensorflow_datasets")
 
 
 def test_scalars_images_and_hparams_read_back_without_tensorflow(tmp_path):
