@@ -145,6 +145,12 @@ IN_PROCESS_ROWS = [
      "sample.t0=-2 must be ≥ -1 (-1 = from sample.strength); set --config.sample.t0."),
     ("denoise_step_outside_the_chain", "sample", _set(sample__task="denoise"), "trained", {},
      "sample.denoise_steps: step 50 is outside 0..19."),
+    ("clip_group_that_does_not_divide_the_batch", "train", _set(training__clip_group_size=12),
+     "fresh", {}, "training.clip_group_size=12 must divide training.batch_size=16; set "
+     "--config.training.clip_group_size to a divisor of the batch (16 in the paper)."),
+    ("profile_window_backwards", "train", _set(training__profile_steps=(5, 2)), "fresh", {},
+     "training.profile_steps=(5, 2) must be (start, end) with 1 ≤ start ≤ end, or () for none; "
+     "set --config.training.profile_steps."),
     ("guidance_when_training_an_unconditional_model", "train",
      _set(sample__guidance_scale=3.0), "fresh", {},
      "sample.guidance_scale=3.0 needs a class-conditional model, but model.num_classes=0"),
