@@ -87,20 +87,21 @@ def tpu_mesh(topology: str):
 
 
 @contextlib.contextmanager
-def native_kernel_gradient():
-    """Traces convolutions with XLA's own kernel gradient, as on a real TPU backend.
+def traced_as_on_tpu():
+    """Traces the model with the formulations a real TPU backend picks.
 
-    `ddpm_jax.conv` picks its CPU-specific formulation when the default backend is the CPU,
-    which it is in this process although we compile for a TPU.
+    `ddpm_jax.conv` (kernel gradients) and `ddpm_jax.unet.GroupNorm` (statistics) pick
+    CPU-specific formulations when the default backend is the CPU, which it is in this process
+    although we compile for a TPU.
     """
-    from ddpm_jax import conv
+    from ddpm_jax import conv, unet
 
-    previous = conv.KERNEL_GRAD
-    conv.KERNEL_GRAD = "native"
+    previous = conv.KERNEL_GRAD, unet.GROUP_NORM_STATS
+    conv.KERNEL_GRAD, unet.GROUP_NORM_STATS = "native", "native"
     try:
         yield
     finally:
-        conv.KERNEL_GRAD = previous
+        conv.KERNEL_GRAD, unet.GROUP_NORM_STATS = previous
 
 
 def _abstract(tree, sharding):
@@ -135,7 +136,7 @@ def compile_train_step(config, mesh, global_batch: int = TRAIN_GLOBAL_BATCH, eff
     size, channels = config.data.image_size, config.data.channels
     replicated = parallel.replicated(mesh)
     batch_sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
-    with native_kernel_gradient():
+    with traced_as_on_tpu():
         graphdef, abstract_state = train_step.abstract_train_state(config)
         args = (
             _abstract(abstract_state, replicated),
@@ -159,7 +160,7 @@ def compile_sampler(config, mesh, batch: int = SAMPLE_BATCH, method: str = "ance
     from ddpm_jax import models, parallel, sampling
 
     replicated = parallel.replicated(mesh)
-    with native_kernel_gradient():
+    with traced_as_on_tpu():
         graphdef, abstract_params = models.abstract_params(config)
         sample_fn = sampling.make_sample_fn(graphdef, config, mesh, batch, method=method)
         start = time.perf_counter()
