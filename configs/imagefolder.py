@@ -22,4 +22,5 @@ def get_config():
     config.training.batch_size = 64
     config.training.num_steps = 200_000
     config.training.sample_every = 10_000
+    config.training.grid_method = "dpm_solver"  # DPM-Solver++(2M), training.grid_steps = 25
     return config

@@ -15,4 +15,5 @@ def get_config():
     config.training.num_steps = 50_000
     config.training.sample_every = 5000
     config.training.checkpoint_every = 5000
+    config.training.grid_method = "dpm_solver"  # DPM-Solver++(2M), training.grid_steps = 25
     return config

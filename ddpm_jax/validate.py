@@ -14,6 +14,8 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from ddpm_jax import samplers, solvers
+
 MODES = ("train", "sample", "eval", "info")
 
 # Every value the code accepts for each enumerated config entry.
@@ -25,7 +27,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.loss_type": ("mse", "l1", "kl"),
     "training.clip_mode": ("group", "per_device", "global"),
     "training.adam_eps_style": ("tf", "optax"),
-    "sample.method": ("ancestral", "ddim"),
+    "sample.method": samplers.METHODS,
+    "sample.timestep_spacing": solvers.SPACINGS,
+    "training.grid_method": ("",) + samplers.METHODS,
     "sample.ddim_skip": ("uniform", "quad"),
     "model.dtype": ("float32", "bfloat16"),
 }
@@ -80,6 +84,13 @@ def check_numbers(config) -> None:
     if sc.method == "ddim":
         _require(1 <= sc.ddim_steps <= dc.num_timesteps, "sample.ddim_steps", sc.ddim_steps,
                  f"in [1, diffusion.num_timesteps={dc.num_timesteps}]")
+    # The samplers of issue #16 (sampling.check_method then checks what a spacing allows).
+    _require(sc.num_steps == 0 or 1 <= sc.num_steps <= dc.num_timesteps, "sample.num_steps",
+             sc.num_steps, f"0 (the method's default) or in [1, diffusion.num_timesteps="
+             f"{dc.num_timesteps}]")
+    _require(1 <= sc.solver_order <= solvers.MAX_ORDER, "sample.solver_order", sc.solver_order,
+             f"in [1, {solvers.MAX_ORDER}]")
+    _require(tc.grid_steps >= 1, "training.grid_steps", tc.grid_steps, "≥ 1")
 
 
 def check_model_shape(config) -> None:
