@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.archive_every = 100_000  # checkpoints kept for good; 0 = none
     training.sample_every = 20_000  # EMA sample grid to TensorBoard and workdir/samples/
     training.num_grid_samples = 64
-    training.grid_method = ""  # sampler of those grids: "" = sample.method; or ddim, dpm_solver, ...
+    training.grid_method = "sample"  # sampler of those grids: "sample" = as sample.*; or a method
     training.grid_steps = 25  # model calls of a ddim / dpm_solver / unipc grid
     training.max_nonfinite = 10  # consecutive skipped non-finite updates before stopping
 

@@ -173,6 +173,8 @@ class Pipeline:
         if n < 1:
             raise ValueError(f"n={n}: ask for at least one sample")
         config = self._sample_config(method, overrides)
+        if noise is not None:
+            noise = sampling.check_noise(config, n, noise)
         num_devices = self.mesh.devices.size
         batch_size = batch_size or min(n, config.sample.batch_size)
         batch_size = -(-batch_size // num_devices) * num_devices

@@ -316,6 +316,14 @@ def check_start(method: Method, start: int) -> None:
             "--config.sample.num_steps or start later (sample.t0).")
 
 
+def check_mean_type(method: Method, mean_type: str) -> None:
+    """The ODE solvers take ε-models only (DDIM also x_0-models, ancestral every kind)."""
+    if method.name in SOLVER_METHODS and mean_type != "eps":
+        raise ValueError(f"sample.method={method.name} needs an eps model, this one has "
+                         f"diffusion.mean_type={mean_type!r}; use --config.sample.method=ancestral "
+                         "or ddim.")
+
+
 def model_calls(method: Method, start: int) -> int:
     """How many model calls `run_chain` makes from paper step `start`."""
     return start if method.name == "ancestral" or start == 0 else method.num_steps
@@ -361,11 +369,9 @@ def run_chain(
     if method.name not in SOLVER_METHODS:
         raise ValueError(f"sample.method={method.name!r} is unknown; use one of "
                          f"{', '.join(METHODS)}.")
-    if mean_type != "eps":
-        raise ValueError(f"sample.method={method.name} needs an eps model, this one has "
-                         f"diffusion.mean_type={mean_type!r}; use --config.sample.method=ancestral "
-                         "or ddim.")
+    check_mean_type(method, mean_type)
     solve = solvers.dpm_solver_sample if method.name == "dpm_solver" else solvers.unipc_sample
-    return solve(denoise_fn, np.asarray(schedule.alphas_cumprod)[:start], x_t, num_steps=method.num_steps,
-                 order=method.order, spacing=method.spacing, clip_denoised=clip_denoised,
-                 xstart_every=xstart_every, after_step=after_step)
+    table = np.asarray(schedule.alphas_cumprod)[:start]
+    return solve(denoise_fn, table, x_t, num_steps=method.num_steps, order=method.order,
+                 spacing=method.spacing, clip_denoised=clip_denoised, xstart_every=xstart_every,
+                 after_step=after_step)

@@ -95,12 +95,14 @@ METHODS = samplers.METHODS
 SOLVER_DEFAULTS = {"num_steps": 0, "solver_order": 2, "timestep_spacing": "logsnr"}
 
 
-def chain_method(sample_config, method: str | None = None) -> samplers.Method:
+def chain_method(sample_config, method: str | None = None, *, start: int | None = None,
+                 num_timesteps: int | None = None) -> samplers.Method:
     """The `samplers.Method` of `config.sample` (or of `method` instead of `sample.method`).
 
     `sample.num_steps` = 0 means the method's default: `sample.ddim_steps` (its older name,
-    kept as an alias) for ddim, 25 for dpm_solver and unipc; ancestral sampling takes every
-    step and refuses a step count."""
+    kept as an alias) for ddim, 25 for dpm_solver and unipc; an editing chain from paper step
+    `start` of `num_timesteps` takes the default's share ⌈default · start / T⌉. Ancestral
+    sampling takes every step and refuses a step count."""
     name = method or sample_config.method
     if name not in METHODS:
         raise ValueError(f"sample.method={name!r} is unknown; set --config.sample.method to one "
@@ -115,21 +117,31 @@ def chain_method(sample_config, method: str | None = None) -> samplers.Method:
                 "or set --config.sample.method.")
     elif not steps:
         steps = int(sc["ddim_steps"]) if name == "ddim" else DEFAULT_SOLVER_STEPS
+        if start is not None and start < num_timesteps:
+            steps = max(1, -(-steps * start // num_timesteps))
     return samplers.Method(name, steps, int(sc["solver_order"]), str(sc["timestep_spacing"]),
                            float(sc["ddim_eta"]), str(sc["ddim_skip"]))
 
 
-def check_method(config, method: str | None = None) -> samplers.Method:
-    """`chain_method`, with the time grid of a solver built once on the host, so that a step
-    count its spacing cannot take is one error line before anything is read or written."""
-    chosen = chain_method(config.sample, method)
-    if chosen.name in samplers.SOLVER_METHODS:
-        table = diffusion.schedule_from_config(config.diffusion).alphas_cumprod
+def check_method(config, method: str | None = None, *, start: int | None = None
+                 ) -> samplers.Method:
+    """`chain_method` (from paper step `start`, default T), with the time grid of a solver
+    built once on the host, so that a step count its spacing cannot take is one error line
+    before anything is read or written."""
+    num_timesteps = config.diffusion.num_timesteps
+    start = num_timesteps if start is None else start
+    chosen = chain_method(config.sample, method, start=start, num_timesteps=num_timesteps)
+    samplers.check_start(chosen, start)
+    samplers.check_mean_type(chosen, config.diffusion.mean_type)
+    if chosen.name in samplers.SOLVER_METHODS and start > 0:
+        table = np.asarray(diffusion.schedule_from_config(config.diffusion).alphas_cumprod)
+        table = table[:start]
         try:
             solvers.solver_timesteps(table, chosen.num_steps, chosen.spacing)
         except ValueError as e:
+            where = f" from paper step {start}" if start < num_timesteps else ""
             raise ValueError(f"sample.num_steps={chosen.num_steps} with sample.timestep_spacing="
-                             f"{chosen.spacing}: {e} (--config.sample.num_steps / "
+                             f"{chosen.spacing}{where}: {e} (--config.sample.num_steps / "
                              "--config.sample.timestep_spacing).") from None
     return chosen
 
@@ -227,6 +239,17 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def check_noise(config, num_samples: int, noise) -> np.ndarray:
+    """`noise` as float32 x_T [num_samples, H, W, C], finite; else a one-line ValueError."""
+    noise = np.asarray(noise, np.float32)
+    shape = (num_samples, config.data.image_size, config.data.image_size, config.data.channels)
+    if noise.shape != shape:
+        raise ValueError(f"noise must be x_T of shape {shape} (n, H, W, C), got {noise.shape}.")
+    if not np.all(np.isfinite(noise)):
+        raise ValueError("noise holds NaN or infinite values; pass finite x_T.")
+    return noise
+
+
 def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
              num_samples: int, key: jax.Array, *, batch_size: int | None = None,
              method: str | None = None, progress_every: int = 0, first_call: int = 0,
@@ -241,15 +264,7 @@ def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
     step noise of ancestral / DDIM η > 0 sampling still comes from the key). `sample_fn`: a
     compiled `make_sample_fn` for these settings, `batch_size` and noise, to reuse one."""
     batch_size = batch_size or config.sample.batch_size
-    if noise is not None:
-        noise = np.asarray(noise, np.float32)
-        shape = (num_samples, config.data.image_size, config.data.image_size,
-                 config.data.channels)
-        if noise.shape != shape:
-            raise ValueError(f"noise must be x_T of shape {shape} (n, H, W, C), got "
-                             f"{noise.shape}.")
-        if not np.all(np.isfinite(noise)):
-            raise ValueError("noise holds NaN or infinite values; pass finite x_T.")
+    noise = None if noise is None else check_noise(config, num_samples, noise)
     classes = requested_labels(config)
     if labels is None:
         labels = (np.zeros(num_samples, np.int32) if classes is None
@@ -296,10 +311,10 @@ def _steps_that_fit(config, method: str, steps: int) -> int:
 
 def grid_config(config):
     """The config of training sample grids: `training.grid_method` / `training.grid_steps` in
-    place of `sample.method` / `sample.num_steps` ("" = `config.sample` as it is). A schedule
+    place of `sample.method` / `sample.num_steps` ("sample" = `config.sample` as it is). A schedule
     too short for `grid_steps` calls (e.g. T = 20 in tests) takes as many as its grid allows."""
     tc = config.training
-    if not tc.get("grid_method", ""):
+    if tc.get("grid_method", "sample") == "sample":
         return config
     grid = ml_collections.ConfigDict(config.to_dict())
     grid.sample.method = tc.grid_method

@@ -321,7 +321,7 @@ def prepare_inputs(config) -> TaskInputs:
     mask = load_mask(sc.mask, data.image_size) if task == "inpaint" else None
     t0 = resolve_t0(config, task) if task in ("img2img", "inpaint", "interpolate") else 0
     if task != "denoise":  # denoise is one model call per step, whatever the method
-        samplers.check_start(sampling.check_method(config), t0)
+        sampling.check_method(config, start=t0)
     steps = parse_steps(sc.denoise_steps, config.diffusion.num_timesteps) if task == "denoise" \
         else None
     num_inputs = len(images)
@@ -355,7 +355,7 @@ def run_task(config, graphdef, params, inputs: TaskInputs, key: jax.Array
     schedule = diffusion.schedule_from_config(dc)
     chain = dict(mean_type=dc.mean_type, var_type=dc.var_type, clip_denoised=sc.clip_denoised)
     task, t0 = sc.task, inputs.t0
-    method = sampling.chain_method(sc)
+    method = sampling.chain_method(sc, start=t0, num_timesteps=dc.num_timesteps)
     calls = samplers.model_calls(method, t0)
     every = _progress_every(calls) if calls > 0 else None
     weights = np.linspace(0.0, 1.0, sc.num_mix)
@@ -475,6 +475,8 @@ def task_settings(config, inputs: TaskInputs, step: int) -> dict:
         unused |= {"method", *(f for fields in sampling.METHOD_FIELDS.values() for f in fields)}
     else:
         sample = sampling.method_settings(sample)
+        sample["num_steps"] = sampling.chain_method(  # as run from t0
+            sc, start=inputs.t0, num_timesteps=config.diffusion.num_timesteps).num_steps
     sample = {k: v for k, v in sample.items() if k not in unused}
     if task == "denoise":
         sample["denoise_steps"] = inputs.steps

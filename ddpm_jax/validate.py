@@ -29,7 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.adam_eps_style": ("tf", "optax"),
     "sample.method": samplers.METHODS,
     "sample.timestep_spacing": solvers.SPACINGS,
-    "training.grid_method": ("",) + samplers.METHODS,
+    "training.grid_method": ("sample",) + samplers.METHODS,
     "sample.ddim_skip": ("uniform", "quad"),
     "model.dtype": ("float32", "bfloat16"),
 }
