@@ -1,5 +1,6 @@
 """Generating images with the whole `data` mesh: each device runs the compiled sampler
-(`samplers.ancestral_sample` / `ddim_sample`, one `lax.scan`) on its share of the batch.
+(`sample.method` through `samplers.run_chain`: ancestral, DDIM, or the DPM-Solver++ / UniPC
+ODE solvers of `solvers.py`, each one `lax.scan`) on its share of the batch.
 
 Device d draws its x_T and step noise from `fold_in(key, d)`, so a key gives the same samples
 on the same device count. Batches larger than one call are generated in consecutive calls
@@ -7,7 +8,7 @@ keyed `fold_in(key, call index)`.
 
 Class-conditional models (`model.num_classes > 1`) sample each image for a requested label
 with classifier-free guidance `sample.guidance_scale` (`models.guided_denoise_fn`: one batched
-model call per step, in both samplers); `--mode=sample` writes one grid row per class.
+model call per step, in every sampler); `--mode=sample` writes one grid row per class.
 """
 
 from __future__ import annotations
