@@ -188,5 +188,11 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
         check_batches(config, mode, mesh)
     if mode == "train":
         check_data_source(config.data)
+    if mode == "train" and config.training.sample_every:
+        # The grid sampler fails now, not at the first grid (sampling imports models, which
+        # imports this module, hence the local import).
+        from ddpm_jax import sampling
+
+        sampling.check_method(sampling.grid_config(config))
     if mode == "eval":
         check_eval_inputs(config.eval)
