@@ -69,14 +69,19 @@ def get_config() -> ml_collections.ConfigDict:
     training.archive_every = 100_000  # checkpoints kept for good; 0 = none
     training.sample_every = 20_000  # EMA sample grid to TensorBoard and workdir/samples/
     training.num_grid_samples = 64
+    training.grid_method = "sample"  # sampler of those grids: "sample" = as sample.*; or a method
+    training.grid_steps = 25  # model calls of a ddim / dpm_solver / unipc grid
     training.max_nonfinite = 10  # consecutive skipped non-finite updates before stopping
     training.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in workdir/profile
 
     config.sample = sample = ml_collections.ConfigDict()
-    sample.method = "ancestral"  # or "ddim"
+    sample.method = "ancestral"  # or "ddim", "dpm_solver" (DPM-Solver++), "unipc"
+    sample.num_steps = 0  # model calls of ddim / dpm_solver / unipc; 0 = ddim_steps / 25
+    sample.solver_order = 2  # dpm_solver / unipc: 1..3 (2 = DPM-Solver++(2M))
+    sample.timestep_spacing = "logsnr"  # dpm_solver / unipc: linspace, leading, trailing, logsnr
     sample.num_samples = 256
     sample.batch_size = 256  # global per call
-    sample.ddim_steps = 100
+    sample.ddim_steps = 100  # older name of num_steps for ddim, used while num_steps = 0
     sample.ddim_eta = 0.0
     sample.ddim_skip = "uniform"  # or "quad"
     sample.clip_denoised = True

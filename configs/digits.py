@@ -32,6 +32,7 @@ def get_config():
     config.training.archive_every = 0
     config.training.sample_every = 1000
     config.training.num_grid_samples = 100
+    config.training.grid_method = "dpm_solver"  # DPM-Solver++(2M), training.grid_steps = 25
     config.sample.num_samples = 100
     config.sample.batch_size = 100
     config.eval.num_samples = 1000

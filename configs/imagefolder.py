@@ -23,4 +23,5 @@ def get_config():
     config.training.num_steps = 200_000
     config.training.ema_warmup = True  # early grids from an EMA that has caught up
     config.training.sample_every = 10_000
+    config.training.grid_method = "dpm_solver"  # DPM-Solver++(2M), training.grid_steps = 25
     return config

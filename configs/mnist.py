@@ -16,4 +16,5 @@ def get_config():
     config.training.ema_warmup = True  # early grids from an EMA that has caught up
     config.training.sample_every = 5000
     config.training.checkpoint_every = 5000
+    config.training.grid_method = "dpm_solver"  # DPM-Solver++(2M), training.grid_steps = 25
     return config

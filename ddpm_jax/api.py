@@ -5,7 +5,8 @@ denoiser and a sampler.
     pipe = ddpm_jax.load("runs/cifar10_released")      # a workdir, or workdir/checkpoints/<step>
     eps = pipe.denoise(x_t, t)                          # NHWC floats in [-1, 1], integer t
     images = pipe.sample(16, jax.random.key(0))         # uint8 [16, 32, 32, 3]
-    fast = pipe.sample(16, 0, method="ddim", ddim_steps=50, output="float")
+    fast = pipe.sample(16, 0, method="dpm_solver", num_steps=25, output="float")
+    same_x_T = pipe.sample(16, 0, method="unipc", noise=x_T)  # x_T: [16, 32, 32, 3] floats
 
 The weights are those `--mode=sample` and `--mode=eval` use (the checkpoint's EMA), and
 `sample` keys its calls like `sampling.generate`, so the same key on the same device count
@@ -140,6 +141,9 @@ class Pipeline:
     def _sample_config(self, method: str | None, overrides: dict[str, Any]
                        ) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(self.config.to_dict())
+        for field, value in sampling.SOLVER_DEFAULTS.items():  # a config saved before them
+            if field not in config.sample:
+                config.sample[field] = value
         unknown = sorted(set(overrides) - set(config.sample.keys()))
         if unknown:
             raise ValueError(f"sample() got unknown option(s) {unknown}; use fields of "
@@ -150,12 +154,17 @@ class Pipeline:
         return config
 
     def sample(self, n: int, key: jax.Array | int = 0, *, method: str | None = None,
-               batch_size: int | None = None, output: str = "uint8", **overrides: Any
-               ) -> np.ndarray:
+               batch_size: int | None = None, output: str = "uint8", noise: Any = None,
+               **overrides: Any) -> np.ndarray:
         """n samples [n, H, W, C] from the EMA model, as uint8 (rounded) or floats in [-1, 1].
 
-        method: 'ancestral' (the paper's 1000 steps) or 'ddim'; default `config.sample.method`.
-        overrides: fields of `config.sample`, e.g. ddim_steps=50, ddim_eta=0.0, clip_denoised.
+        method: 'ancestral' (the paper's 1000 steps), 'ddim', 'dpm_solver' (DPM-Solver++) or
+        'unipc'; default `config.sample.method`.
+        noise: x_T [n, H, W, C] (floats) to start every chain from, e.g. the same points for
+        several samplers; default drawn from `key`. ddim (η = 0), dpm_solver and unipc are
+        then deterministic; ancestral sampling still draws its step noise from `key`.
+        overrides: fields of `config.sample`, e.g. num_steps=25, solver_order=3,
+        timestep_spacing='trailing', ddim_eta=0.0, clip_denoised.
         The batch per call is `batch_size` or min(n, config.sample.batch_size), rounded up to a
         multiple of the device count; compiled samplers are cached per setting.
         """
@@ -164,18 +173,20 @@ class Pipeline:
         if n < 1:
             raise ValueError(f"n={n}: ask for at least one sample")
         config = self._sample_config(method, overrides)
+        if noise is not None:
+            noise = sampling.check_noise(config, n, noise)
         num_devices = self.mesh.devices.size
         batch_size = batch_size or min(n, config.sample.batch_size)
         batch_size = -(-batch_size // num_devices) * num_devices
-        cache_key = (batch_size, config.sample.to_json())
+        cache_key = (batch_size, noise is not None, config.sample.to_json())
         if cache_key not in self._sample_fns:
             self._sample_fns[cache_key] = sampling.make_sample_fn(
-                self.graphdef, config, self.mesh, batch_size)
+                self.graphdef, config, self.mesh, batch_size, given_noise=noise is not None)
         key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
         # The keying and labels of `--mode=sample` (labels over all n, not per call).
         parts = [samples for samples, _ in sampling.generate(
             self.graphdef, self.params, config, self.mesh, n, key, batch_size=batch_size,
-            sample_fn=self._sample_fns[cache_key])]
+            sample_fn=self._sample_fns[cache_key], noise=noise)]
         samples = np.concatenate(parts)[:n]
         return images.to_uint8(samples) if output == "uint8" else samples
 

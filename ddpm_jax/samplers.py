@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -231,9 +232,11 @@ def ddim_sample(
     mean_type: str = "eps",
     clip_denoised: bool = True,
     xstart_every: int | None = None,
+    after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """DDIM sampling over the increasing sub-sequence ``timesteps`` (e.g. from ``ddim_timesteps``) in one
     ``lax.scan``: steps τ_{S-1} -> τ_{S-2} -> ... -> τ_0 -> x_0 with ``ddim_step``.
+    ``after_step(x_prev, t_prev)`` is applied to each new x at timestep t_prev (−1 = the data).
 
     The noise at step τ_i is drawn from ``fold_in(key, τ_i)``; with a Python ``eta == 0`` no noise is
     drawn at all and the result depends only on x_T. With ``xstart_every = n`` also returns
@@ -265,6 +268,8 @@ def ddim_sample(
             mean_type=mean_type,
             clip_denoised=clip_denoised,
         )
+        if after_step is not None:
+            x_prev = after_step(x_prev, previous_timesteps[index])
         if progress is not None:
             progress = _record_xstart(progress, pred_xstart, index // xstart_every)
         return (x_prev, progress), None
@@ -276,3 +281,97 @@ def ddim_sample(
     if xstart_every is None:
         return samples
     return samples, progress
+
+
+# --------------------------------------------------------------------------------------
+# Any method from a start step
+# --------------------------------------------------------------------------------------
+
+METHODS = ("ancestral", "ddim", "dpm_solver", "unipc")
+SOLVER_METHODS = ("dpm_solver", "unipc")
+
+
+class Method(NamedTuple):
+    """A reverse-chain method and its settings (``sample.*``); ``num_steps`` is the number of
+    model calls of ddim / dpm_solver / unipc (the ancestral chain always takes every step)."""
+
+    name: str = "ancestral"
+    num_steps: int = 0
+    order: int = 2
+    spacing: str = "logsnr"
+    ddim_eta: float = 0.0
+    ddim_skip: str = "uniform"
+
+
+def check_start(method: Method, start: int) -> None:
+    """A ddim / solver chain from paper step `start` ≥ 1 takes 1..start model calls (a solver
+    1..start − 1: its grid ends below its first timestep)."""
+    if method.name == "ancestral" or start == 0:
+        return
+    limit = start - (method.name in SOLVER_METHODS)
+    if not 1 <= method.num_steps <= limit:
+        raise ValueError(
+            f"sample.num_steps={method.num_steps} does not fit sample.method={method.name} from "
+            f"paper step {start}: it takes 1..{limit} model calls; lower "
+            "--config.sample.num_steps or start later (sample.t0).")
+
+
+def check_mean_type(method: Method, mean_type: str) -> None:
+    """The ODE solvers take ε-models only (DDIM also x_0-models, ancestral every kind)."""
+    if method.name in SOLVER_METHODS and mean_type != "eps":
+        raise ValueError(f"sample.method={method.name} needs an eps model, this one has "
+                         f"diffusion.mean_type={mean_type!r}; use --config.sample.method=ancestral "
+                         "or ddim.")
+
+
+def model_calls(method: Method, start: int) -> int:
+    """How many model calls `run_chain` makes from paper step `start`."""
+    return start if method.name == "ancestral" or start == 0 else method.num_steps
+
+
+def run_chain(
+    method: Method,
+    denoise_fn: DenoiseFn,
+    schedule: Schedule,
+    x_t: jax.Array,
+    key: jax.Array,
+    *,
+    start: int | None = None,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    xstart_every: int | None = None,
+    after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``x_t`` (the latent at paper step ``start``, default T) → x_0 with ``method``.
+
+    ancestral: ``start`` steps of Alg. 2. ddim: the DDIM sub-sequence of a ``start``-step
+    schedule. dpm_solver / unipc: the probability-flow ODE from code index start − 1 down to
+    the data, the solver's time grid laid over the first ``start`` entries of the ᾱ table (so
+    linspace, trailing and logsnr grids begin at start − 1). ``after_step(x, s)`` is applied to
+    each new x at code index s (−1 = the data). Returns as ``ancestral_sample``.
+    """
+    start = schedule.num_timesteps if start is None else int(start)
+    check_start(method, start)
+    if method.name == "ancestral" or start == 0:  # start 0: no step, x_t is returned
+        hook = None if after_step is None else (lambda x_prev, t: after_step(x_prev, t - 1))
+        return ancestral_sample(denoise_fn, schedule, x_t, key, mean_type=mean_type,
+                                var_type=var_type, clip_denoised=clip_denoised,
+                                xstart_every=xstart_every, num_steps=start, after_step=hook)
+    if method.name == "ddim":
+        return ddim_sample(denoise_fn, schedule, x_t, key,
+                           timesteps=ddim_timesteps(start, method.num_steps, method.ddim_skip),
+                           eta=method.ddim_eta, mean_type=mean_type, clip_denoised=clip_denoised,
+                           xstart_every=xstart_every, after_step=after_step)
+    # solvers.py builds on this module's progress helpers, so it is imported here.
+    from ddpm_jax import solvers
+
+    if method.name not in SOLVER_METHODS:
+        raise ValueError(f"sample.method={method.name!r} is unknown; use one of "
+                         f"{', '.join(METHODS)}.")
+    check_mean_type(method, mean_type)
+    solve = solvers.dpm_solver_sample if method.name == "dpm_solver" else solvers.unipc_sample
+    table = np.asarray(schedule.alphas_cumprod)[:start]
+    return solve(denoise_fn, table, x_t, num_steps=method.num_steps, order=method.order,
+                 spacing=method.spacing, clip_denoised=clip_denoised, xstart_every=xstart_every,
+                 after_step=after_step)

@@ -20,6 +20,7 @@ docs/solvers.md lists the formulas and the diffusers settings that give the same
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -239,21 +240,26 @@ def _multistep_scan(
     timesteps: np.ndarray,
     alpha: np.ndarray,
     sigma: np.ndarray,
+    final_timestep: int,
     predictor: np.ndarray,
     corrector: np.ndarray | None,
     clip_denoised: bool,
     xstart_every: int | None,
+    after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """One ``lax.scan`` over the S steps. Step i evaluates m_i = x_θ(x_i, t_i) (clipped to [−1, 1]
     if ``clip_denoised``), optionally corrects x_i with row i of ``corrector`` — weights on
     (x_i as predicted, x_{i−1}, m_i, m_{i−1}, m_{i−2}, m_{i−3}) — and predicts x_{i+1} with row i of
-    ``predictor`` — weights on (x_i, m_i, m_{i−1}, m_{i−2}). The last outputs are carried."""
+    ``predictor`` — weights on (x_i, m_i, m_{i−1}, m_{i−2}). The last outputs are carried.
+    ``after_step(x, t)`` is applied to every new x at its grid timestep t (−1 = the data): to the
+    prediction x_{i+1} and, with a corrector, to the corrected x_i (which replaces x_i)."""
     dtype = x_T.dtype
     batch, channels = x_T.shape[0], x_T.shape[-1]
     num_steps = timesteps.shape[0]
     history_len = MAX_ORDER if corrector is not None else MAX_ORDER - 1
     per_step = dict(
         t=jnp.asarray(timesteps, jnp.int32),
+        t_next=jnp.asarray(np.append(timesteps[1:], final_timestep), jnp.int32),
         index=jnp.arange(num_steps, dtype=jnp.int32),
         alpha=jnp.asarray(alpha[:-1], dtype),
         sigma=jnp.asarray(sigma[:-1], dtype),
@@ -276,7 +282,11 @@ def _multistep_scan(
         outputs = [m] + [history[k] for k in range(history_len)]
         if corrector is not None:
             x = combine(inputs["corrector"], [x, x_before] + outputs)
+            if after_step is not None:
+                x = after_step(x.astype(dtype), inputs["t"])
         x_next = combine(inputs["predictor"], [x] + outputs[:MAX_ORDER])
+        if after_step is not None:
+            x_next = after_step(x_next.astype(dtype), inputs["t_next"])
         if progress is not None:
             slot = (num_steps - 1 - inputs["index"]) // xstart_every
             progress = _record_xstart(progress, m, slot)
@@ -305,6 +315,7 @@ def dpm_solver_sample(
     final_timestep: int = -1,
     third_order: str = "taylor",
     xstart_every: int | None = None,
+    after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Multistep DPM-Solver++ (Lu et al. 2022; order 1 is DDIM, 2 is DPM-Solver++(2M)) from x_T
     at t_0 to ``final_timestep`` (−1: the data) in ``num_steps`` model calls, one ``lax.scan``.
@@ -316,6 +327,8 @@ def dpm_solver_sample(
     second difference ("taylor", third order; "reference_code", as the DPM-Solver code and
     diffusers). With ``xstart_every = n`` also returns progress [K, B, ...], K = ceil(S / n),
     slot k = x_θ at the model call n·k from the end (slot 0: the last one), as ``ddim_sample``.
+    ``after_step(x, t)`` maps each new x at grid timestep t (−1 = the data), e.g. to re-impose
+    known pixels for inpainting.
     """
     if third_order not in DPM_THIRD_ORDER:
         raise ValueError(f"unknown third-order variant {third_order!r}; expected one of {DPM_THIRD_ORDER}")
@@ -323,8 +336,8 @@ def dpm_solver_sample(
     orders = step_orders(num_steps, order, lower_order_final, final_timestep == -1)
     predictor = np.stack([np.append(*dpm_solver_coefficients(lam, alpha, sigma, i, int(p), third_order))
                           for i, p in enumerate(orders)])
-    return _multistep_scan(eps_fn, x_T, timesteps, alpha, sigma, predictor, None, clip_denoised,
-                           xstart_every)
+    return _multistep_scan(eps_fn, x_T, timesteps, alpha, sigma, final_timestep, predictor, None,
+                           clip_denoised, xstart_every, after_step)
 
 
 def unipc_sample(
@@ -340,6 +353,7 @@ def unipc_sample(
     final_timestep: int = -1,
     variant: str = "bh2",
     xstart_every: int | None = None,
+    after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Multistep UniPC (Zhao et al. 2023): UniP-p predicts x_{i+1}; at the next model call UniC-p
     corrects it with the new output (which is reused, so still ``num_steps`` calls); no corrector
@@ -358,5 +372,5 @@ def unipc_sample(
     for i in range(1, num_steps):
         a, c = unipc_coefficients(lam, alpha, sigma, i - 1, int(orders[i - 1]), variant, True)
         corrector[i, 1], corrector[i, 2:] = a, c
-    return _multistep_scan(eps_fn, x_T, timesteps, alpha, sigma, predictor, corrector, clip_denoised,
-                           xstart_every)
+    return _multistep_scan(eps_fn, x_T, timesteps, alpha, sigma, final_timestep, predictor,
+                           corrector, clip_denoised, xstart_every, after_step)

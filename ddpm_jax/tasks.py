@@ -54,34 +54,38 @@ def noise_to_step(schedule: Schedule, x_start: jax.Array, t0: int, noise: jax.Ar
     return diffusion.q_sample(schedule, x_start, _code_index(t0, x_start.shape[0]), noise)
 
 
-def _reverse_chain(denoise_fn, schedule, x_t, key, t0, *, mean_type, var_type, clip_denoised,
-                   xstart_every, after_step=None) -> tuple[jax.Array, jax.Array | None]:
-    out = samplers.ancestral_sample(
-        denoise_fn, schedule, x_t, key, mean_type=mean_type, var_type=var_type,
-        clip_denoised=clip_denoised, xstart_every=xstart_every, num_steps=t0,
+def _reverse_chain(denoise_fn, schedule, x_t, key, t0, *, method, mean_type, var_type,
+                   clip_denoised, xstart_every, after_step=None
+                   ) -> tuple[jax.Array, jax.Array | None]:
+    out = samplers.run_chain(
+        method, denoise_fn, schedule, x_t, key, start=t0, mean_type=mean_type,
+        var_type=var_type, clip_denoised=clip_denoised, xstart_every=xstart_every,
         after_step=after_step)
     return out if xstart_every else (out, None)
 
 
 def img2img(denoise_fn: DenoiseFn, schedule: Schedule, x_start: jax.Array, key: jax.Array, *,
             t0: int, mean_type: str = "eps", var_type: str = "fixedlarge",
-            clip_denoised: bool = True, xstart_every: int | None = None) -> EditResult:
+            clip_denoised: bool = True, xstart_every: int | None = None,
+            method: samplers.Method = samplers.Method()) -> EditResult:
     """SDEdit (Meng et al. 2022): noise the input to x_{t0} with q(x_{t0} | x_0), then run the
-    ancestral sampler (Alg. 2) for code indices t0-1..0. t0 = 0 returns `x_start` unchanged;
-    t0 = T forgets the input entirely (up to √ᾱ_T ≈ 0.006 of it)."""
+    ancestral sampler (Alg. 2) for code indices t0-1..0, or `method` from t0 (`run_chain`).
+    t0 = 0 returns `x_start` unchanged; t0 = T forgets the input entirely (up to √ᾱ_T ≈ 0.006
+    of it)."""
     _check_t0(schedule, t0)
     noise_key, loop_key = jax.random.split(key)
     x_t = noise_to_step(schedule, x_start, t0, jax.random.normal(noise_key, x_start.shape))
     output, progress = _reverse_chain(
         denoise_fn, schedule, x_t, loop_key, t0, mean_type=mean_type, var_type=var_type,
-        clip_denoised=clip_denoised, xstart_every=xstart_every)
+        clip_denoised=clip_denoised, xstart_every=xstart_every, method=method)
     return EditResult(output, x_t, progress)
 
 
 def inpaint(denoise_fn: DenoiseFn, schedule: Schedule, x_known: jax.Array, mask: jax.Array,
             key: jax.Array, *, t0: int | None = None, mean_type: str = "eps",
             var_type: str = "fixedlarge", clip_denoised: bool = True,
-            xstart_every: int | None = None) -> EditResult:
+            xstart_every: int | None = None,
+            method: samplers.Method = samplers.Method()) -> EditResult:
     """Inpainting by replacement: where `mask` is true the image is generated, elsewhere the
     known pixels are re-imposed at every step as a sample of q(x_{t-1} | x_known), so that
 
@@ -91,6 +95,8 @@ def inpaint(denoise_fn: DenoiseFn, schedule: Schedule, x_known: jax.Array, mask:
     The chain starts at paper step t0 (default T) from q_sample(x_known, t0) outside the mask
     and pure noise N(0, I) inside it when t0 = T (else the noised input there too).
     `mask` broadcasts against x_known (e.g. [1, H, W, 1]); True / 1 = regenerate.
+    With another `method` the same holds at each of its steps: every new x at code index s is
+    re-imposed with a sample of q(x_s | x_known) (x_known itself at the data).
     """
     t0 = schedule.num_timesteps if t0 is None else t0
     _check_t0(schedule, t0)
@@ -101,17 +107,18 @@ def inpaint(denoise_fn: DenoiseFn, schedule: Schedule, x_known: jax.Array, mask:
         fresh = jax.random.normal(jax.random.fold_in(start_key, 1), x_known.shape)
         x_t = jnp.where(mask, fresh, x_t)
 
-    def reimpose_known(x_prev, t):
-        # x_prev is x at code index t - 1; at t = 0 it is x_0 and the known pixels are exact.
-        noise = jax.random.normal(jax.random.fold_in(known_key, t), x_known.shape)
-        known_t = diffusion.q_sample(
-            schedule, x_known, jnp.full((x_known.shape[0],), jnp.maximum(t - 1, 0)), noise)
-        known = jnp.where(t == 0, x_known, known_t)
-        return jnp.where(mask, x_prev, known)
+    def reimpose_known(x, s):
+        # x is at code index s; at s = -1 it is x_0 and the known pixels are exact.
+        noise = jax.random.normal(jax.random.fold_in(known_key, s + 1), x_known.shape)
+        known_s = diffusion.q_sample(
+            schedule, x_known, jnp.full((x_known.shape[0],), jnp.maximum(s, 0)), noise)
+        known = jnp.where(s < 0, x_known, known_s)
+        return jnp.where(mask, x, known)
 
     output, progress = _reverse_chain(
         denoise_fn, schedule, x_t, loop_key, t0, mean_type=mean_type, var_type=var_type,
-        clip_denoised=clip_denoised, xstart_every=xstart_every, after_step=reimpose_known)
+        clip_denoised=clip_denoised, xstart_every=xstart_every, after_step=reimpose_known,
+        method=method)
     if t0 == 0:
         output = jnp.where(mask, output, x_known)
     return EditResult(output, x_t, progress)
@@ -120,10 +127,12 @@ def inpaint(denoise_fn: DenoiseFn, schedule: Schedule, x_known: jax.Array, mask:
 def interpolate(denoise_fn: DenoiseFn, schedule: Schedule, x1: jax.Array, x2: jax.Array,
                 key: jax.Array, *, t0: int, mix_weights: jax.Array | np.ndarray,
                 mean_type: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,
-                xstart_every: int | None = None) -> EditResult:
+                xstart_every: int | None = None,
+                method: samplers.Method = samplers.Method()) -> EditResult:
     """The original's `GaussianDiffusion.interpolate`: diffuse both images to step t0 with
     independent noise, mix the latents linearly x̄_{t0} = (1 − λ) x_{t0} + λ x'_{t0}, and run the
-    reverse chain from t0 (paper Fig. 8).
+    reverse chain from t0 (paper Fig. 8), with `method` (ancestral by default; a deterministic
+    one, e.g. dpm_solver, maps the mixed latent along the probability-flow ODE).
 
     Returns outputs of shape [M, B, H, W, C] for the M weights λ (so row m is λ_m for every pair).
     At t0 = 0 the mix of the images themselves is returned; λ = 0 and λ = 1 give x1 and x2
@@ -141,7 +150,7 @@ def interpolate(denoise_fn: DenoiseFn, schedule: Schedule, x1: jax.Array, x2: ja
     flat = mixed.reshape((num_mix * batch,) + mixed.shape[2:])
     output, progress = _reverse_chain(
         denoise_fn, schedule, flat, loop_key, t0, mean_type=mean_type, var_type=var_type,
-        clip_denoised=clip_denoised, xstart_every=xstart_every)
+        clip_denoised=clip_denoised, xstart_every=xstart_every, method=method)
     return EditResult(output.reshape(mixed.shape), mixed, progress)
 
 
@@ -311,6 +320,8 @@ def prepare_inputs(config) -> TaskInputs:
         x2 = np.broadcast_to(second, (count,) + second.shape[1:])
     mask = load_mask(sc.mask, data.image_size) if task == "inpaint" else None
     t0 = resolve_t0(config, task) if task in ("img2img", "inpaint", "interpolate") else 0
+    if task != "denoise":  # denoise is one model call per step, whatever the method
+        sampling.check_method(config, start=t0)
     steps = parse_steps(sc.denoise_steps, config.diffusion.num_timesteps) if task == "denoise" \
         else None
     num_inputs = len(images)
@@ -344,7 +355,9 @@ def run_task(config, graphdef, params, inputs: TaskInputs, key: jax.Array
     schedule = diffusion.schedule_from_config(dc)
     chain = dict(mean_type=dc.mean_type, var_type=dc.var_type, clip_denoised=sc.clip_denoised)
     task, t0 = sc.task, inputs.t0
-    every = _progress_every(t0) if t0 > 0 else None
+    method = sampling.chain_method(sc, start=t0, num_timesteps=dc.num_timesteps)
+    calls = samplers.model_calls(method, t0)
+    every = _progress_every(calls) if calls > 0 else None
     weights = np.linspace(0.0, 1.0, sc.num_mix)
     labels = inputs.labels
     if labels is not None and task == "interpolate":  # the chain runs on [M·B] mixes, m-major
@@ -354,12 +367,14 @@ def run_task(config, graphdef, params, inputs: TaskInputs, key: jax.Array
         model = sampling.make_denoise_fn(graphdef, params, config,
                                          None if labels is None else jnp.asarray(labels))
         if task == "img2img":
-            return img2img(model, schedule, x, key, t0=t0, xstart_every=every, **chain)
+            return img2img(model, schedule, x, key, t0=t0, xstart_every=every, method=method,
+                           **chain)
         if task == "inpaint":
-            return inpaint(model, schedule, x, mask, key, t0=t0, xstart_every=every, **chain)
+            return inpaint(model, schedule, x, mask, key, t0=t0, xstart_every=every,
+                           method=method, **chain)
         if task == "interpolate":
             return interpolate(model, schedule, x, x2, key, t0=t0, mix_weights=weights,
-                               xstart_every=every, **chain)
+                               xstart_every=every, method=method, **chain)
         return denoise(model, schedule, x, key, timesteps=inputs.steps, **chain)
 
     if task not in TASKS[1:]:
@@ -451,12 +466,18 @@ def task_settings(config, inputs: TaskInputs, step: int) -> dict:
     from ddpm_jax.inception import _sha256
 
     sc, task = config.sample, config.sample.task
-    unused = {"num_samples", "batch_size", "method", "progress_every", "t0", "strength",
-              *sampling.DDIM_FIELDS}
+    unused = {"num_samples", "batch_size", "progress_every", "t0", "strength"}
     unused |= {"input2", "num_mix"} if task != "interpolate" else set()
     unused |= {"mask"} if task != "inpaint" else set()
     unused |= {"denoise_steps"} if task != "denoise" else set()
-    sample = {k: v for k, v in sc.to_dict().items() if k not in unused}
+    sample = sc.to_dict()
+    if task == "denoise" or sc.method == "ancestral":  # as before other methods existed
+        unused |= {"method", *(f for fields in sampling.METHOD_FIELDS.values() for f in fields)}
+    else:
+        sample = sampling.method_settings(sample)
+        sample["num_steps"] = sampling.chain_method(  # as run from t0
+            sc, start=inputs.t0, num_timesteps=config.diffusion.num_timesteps).num_steps
+    sample = {k: v for k, v in sample.items() if k not in unused}
     if task == "denoise":
         sample["denoise_steps"] = inputs.steps
     else:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, gradients, profiling
+from ddpm_jax import diffusion, gradients, profiling, samplers, solvers
 
 MODES = ("train", "sample", "eval", "info")
 
@@ -31,7 +31,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.t0_log_variance": diffusion.T0_LOG_VARIANCES,
     "training.clip_mode": gradients.CLIP_MODES,
     "training.adam_eps_style": ("tf", "optax"),
-    "sample.method": ("ancestral", "ddim"),
+    "sample.method": samplers.METHODS,
+    "sample.timestep_spacing": solvers.SPACINGS,
+    "training.grid_method": ("sample",) + samplers.METHODS,
     "sample.ddim_skip": ("uniform", "quad"),
     "model.dtype": ("float32", "bfloat16"),
 }
@@ -147,12 +149,17 @@ RULES: dict[str, Rule] = {
     "training.archive_every": EVERY,
     "training.sample_every": EVERY,
     "training.num_grid_samples": COUNT,
+    "training.grid_method": STR,
+    "training.grid_steps": COUNT,
     "training.max_nonfinite": COUNT,
     "training.profile_steps": Rule(tuple, items=COUNT),
     "sample.method": STR,
     "sample.num_samples": COUNT,
     "sample.batch_size": COUNT,
     "sample.ddim_steps": COUNT,
+    "sample.num_steps": Rule(int, 0, note="0 = the method's default"),
+    "sample.solver_order": Rule(int, 1, solvers.MAX_ORDER),
+    "sample.timestep_spacing": STR,
     "sample.ddim_eta": Rule(float, 0),
     "sample.ddim_skip": STR,
     "sample.clip_denoised": BOOL,
@@ -228,6 +235,10 @@ def check_numbers(config) -> None:
     if sc.method == "ddim":
         _require(1 <= sc.ddim_steps <= dc.num_timesteps, "sample.ddim_steps", sc.ddim_steps,
                  f"in [1, diffusion.num_timesteps={dc.num_timesteps}]")
+    # The solvers' step count (sampling.check_method then checks what a spacing allows).
+    _require(sc.num_steps == 0 or 1 <= sc.num_steps <= dc.num_timesteps, "sample.num_steps",
+             sc.num_steps, f"0 (the method's default) or in [1, diffusion.num_timesteps="
+             f"{dc.num_timesteps}]")
 
 
 def check_sample_settings(config) -> None:
@@ -340,5 +351,11 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
         check_batches(config, mode, mesh)
     if mode == "train":
         check_data_source(config.data)
+    if mode == "train" and config.training.sample_every:
+        # The grid sampler fails now, not at the first grid (sampling imports models, which
+        # imports this module, hence the local import).
+        from ddpm_jax import sampling
+
+        sampling.check_method(sampling.grid_config(config))
     if mode == "eval":
         check_eval_inputs(config.eval)

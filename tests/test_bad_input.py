@@ -99,7 +99,34 @@ IN_PROCESS_ROWS = [
     ("no_workdir", "train", None, None, {},
      "--mode=train needs --workdir (where checkpoints and outputs go)."),
     ("unknown_sample_method", "sample", _set(sample__method="plms"), "trained", {},
-     "sample.method='plms' is unknown; set --config.sample.method to one of ancestral, ddim."),
+     "sample.method='plms' is unknown; set --config.sample.method to one of ancestral, ddim, "
+     "dpm_solver, unipc."),
+    ("solver_order_out_of_range", "sample", _set(sample__method="dpm_solver",
+                                                 sample__solver_order=4), "trained", {},
+     "sample.solver_order=4 must be in [1, 3]; set --config.sample.solver_order."),
+    ("unknown_timestep_spacing", "sample", _set(sample__method="dpm_solver",
+                                                sample__timestep_spacing="karras"), "trained", {},
+     "sample.timestep_spacing='karras' is unknown; set --config.sample.timestep_spacing to one "
+     "of linspace, leading, trailing, logsnr."),
+    ("solver_steps_beyond_the_schedule", "sample", _set(sample__method="dpm_solver",
+                                                        sample__num_steps=25), "trained", {},
+     "sample.num_steps=25 must be 0 (the method's default) or in [1, "
+     "diffusion.num_timesteps=20]; set --config.sample.num_steps."),
+    ("solver_steps_the_spacing_cannot_take", "sample",
+     _set(sample__method="dpm_solver", sample__num_steps=15), "trained", {},
+     "sample.num_steps=15 with sample.timestep_spacing=logsnr: num_steps=15 with spacing "
+     "'logsnr' repeats timesteps of the 20-step schedule; use fewer steps or another spacing"),
+    ("step_count_for_the_ancestral_sampler", "sample", _set(sample__num_steps=5), "trained", {},
+     "sample.num_steps=5 is for ddim, dpm_solver and unipc; the ancestral sampler takes all "
+     "diffusion.num_timesteps steps."),
+    ("solver_steps_beyond_an_editing_start", "sample",
+     _set(sample__task="img2img", sample__method="dpm_solver", sample__num_steps=5,
+          sample__t0=3), "trained", {"npz": "good"},
+     "sample.num_steps=5 does not fit sample.method=dpm_solver from paper step 3: it takes "
+     "1..2 model calls; lower --config.sample.num_steps or start later (sample.t0)."),
+    ("unknown_grid_method", "train", _set(training__grid_method="plms"), "fresh", {},
+     "training.grid_method='plms' is unknown; set --config.training.grid_method to one of "
+     "sample, ancestral, ddim, dpm_solver, unipc."),
     ("unknown_clip_mode", "train", _set(training__clip_mode="layer"), "fresh", {},
      "training.clip_mode='layer' is unknown; set --config.training.clip_mode to one of "
      "group, per_device, global."),
