@@ -307,10 +307,6 @@ def prepare_inputs(config) -> TaskInputs:
     images = load_images(sc.input, data.image_size, data.channels)
     x2 = None
     if task == "interpolate":
-        if sc.num_mix < 2:
-            raise ValueError(f"sample.num_mix={sc.num_mix} must be ≥ 2: the mixing weights "
-                             "linspace(0, 1, num_mix) run from the first image to the second; "
-                             "set --config.sample.num_mix.")
         second = load_images(sc.input2, data.image_size, data.channels, "sample.input2")
         if len(second) != len(images) and 1 not in (len(second), len(images)):
             raise ValueError(f"sample.input has {len(images)} images and sample.input2 "

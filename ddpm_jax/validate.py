@@ -170,7 +170,8 @@ RULES: dict[str, Rule] = {
     "sample.task": STR, "sample.input": STR, "sample.input2": STR, "sample.mask": STR,
     "sample.t0": Rule(int, -1, note="-1 = from sample.strength"),
     "sample.strength": Rule(float, 0, 1),
-    "sample.num_mix": COUNT,
+    "sample.num_mix": Rule(int, 2, note="the mixing weights linspace(0, 1, num_mix) run from "
+                                        "the first image to the second"),
     "sample.denoise_steps": STR,
     "eval.num_samples": Rule(int, 0, note="0 = no IS/FID"),
     "eval.batch_size": COUNT,

@@ -151,7 +151,7 @@ IN_PROCESS_ROWS = [
     ("truncated_npz_input", "sample", _set(sample__task="img2img"), "trained",
      {"npz": "truncated"}, "as .npz (BadZipFile: File is not a zip file); the file is empty"),
     ("interpolate_with_num_mix_0", "sample", _set(sample__task="interpolate", sample__num_mix=0),
-     "trained", {"npz": "good"}, "sample.num_mix=0 must be ≥ 2: the mixing weights"),
+     "trained", {"npz": "good"}, "sample.num_mix=0 must be ≥ 2 (the mixing weights"),
     ("setting_of_the_wrong_type", "train", _untyped(model__ch=32.0), "fresh", {},
      "model.ch=32.0 must be an integer ≥ 1; set --config.model.ch."),
     ("flag_that_is_not_a_bool", "train", _untyped(data__random_flip=1), "fresh", {},
