@@ -228,7 +228,8 @@ def test_console_shows_our_lines_only(tmp_path):
     assert re.fullmatch(r"compiled the train step in [\d.]+ s", texts[compile_at + 1])
     progress = [t for t in texts if re.match(r"step \d/4 loss ", t)]
     assert len(progress) == 4 and texts.index(progress[0]) > compile_at + 1
-    assert all(re.search(r"\| [\d.]+ steps/s \| ETA \d+m\d\ds$", t) for t in progress)
+    assert all(re.search(r"\| [\d.]+ steps/s \| [\d.e+-]+ TFLOP/s per device \(\d+% of peak\) "
+                         r"\| ETA \d+m\d\ds$", t) for t in progress), progress
     assert result.stdout.strip().splitlines()[-1] == (
         f"done: step 4/4, loss {progress[-1].split()[3]}; newest checkpoint 4 in "
         f"{os.path.join(workdir, 'checkpoints')}; samples "

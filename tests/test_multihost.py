@@ -9,6 +9,7 @@ processes into a shared directory, host-0-only TensorBoard/PNG output and the ex
 
 import glob
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -165,8 +166,9 @@ def test_two_processes_train_like_one_process_with_8_devices(runs):
 def test_only_process_0_writes_logs_and_images(runs):
     multi = runs["multi"]
     (events,) = glob.glob(os.path.join(multi, "events.out.tfevents.*"))
-    # TensorBoard names the file <time>.<host>.<pid>.<n>.v2: it was process 0's.
-    assert events.split(".")[-3] == str(runs["pids"][0])
+    # The event file is named <time>.<host>.<pid>.<n> (TensorFlow's writer adds .v2): it was
+    # process 0's.
+    assert re.search(r"\.(\d+)\.\d+(\.v2)?$", events).group(1) == str(runs["pids"][0])
     assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
         "step_00000004.png", "step_00000004_progress.png"]
     def outputs(workdir):

@@ -43,7 +43,8 @@ def test_second_training_exits_2_naming_the_first_which_goes_on_while_sampling_w
     common = ["--config", config, "--workdir", workdir]
     first = Watched(common + ["--config.training.num_steps=100000"], REPO)
     try:
-        first.wait_for("step 2/100000")  # checkpoint 2 is being written
+        # Checkpoint 2 is complete once checkpoint 4 starts: a save waits for the one before.
+        first.wait_for("saving checkpoint 4 to")
 
         second = subprocess.run([sys.executable, "-m", "ddpm_jax.main", *common,
                                  "--config.training.num_steps=100000"], cwd=REPO,
