@@ -22,7 +22,7 @@ from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The paper's own figures on a TPU v3-8 (reference §3.5 and §4).
+# The paper's own figures on a TPU v3-8 (docs/original.md §3.5 and §4).
 PAPER_TRAIN_SECONDS_PER_STEP = 1 / 21  # "21 steps per second at batch size 128" = 47.6 ms
 PAPER_SAMPLE_SECONDS_256 = 17.0  # "sampling a batch of 256 images takes 17 seconds"
 

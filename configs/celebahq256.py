@@ -1,4 +1,4 @@
-"""CelebA-HQ 256x256 (reference §7): `unet2d16b2c112244`, 113,673,219 parameters.
+"""CelebA-HQ 256x256 (docs/original.md §7): `unet2d16b2c112244`, 113,673,219 parameters.
 
 TFDS `celeb_a_hq/256` needs a manual download (see the TFDS catalog); point
 `--config.data.data_dir` at the prepared data. lr 2e-5, batch 64 (8 per core), dropout 0,

@@ -1,4 +1,4 @@
-"""Defaults shared by every config: the paper's CIFAR10 recipe (reference §3).
+"""Defaults shared by every config: the paper's CIFAR10 recipe (docs/original.md §3).
 
 Other configs start from `get_config()` here and override what differs.
 """

@@ -1,4 +1,4 @@
-"""LSUN cat 256x256 (reference §7): the 113,673,219-parameter model, 1_800_000 steps.
+"""LSUN cat 256x256 (docs/original.md §7): the 113,673,219-parameter model, 1_800_000 steps.
 
 Data: TFDS `lsun/cat` (images centre-cropped and resized to 256x256), streamed.
 lr 2e-5, batch 64, dropout 0, fixedsmall variance. Flips: the run_lsun.py docstring passes --randflip 0 for cat.

@@ -1,4 +1,4 @@
-"""LSUN church_outdoor 256x256 (reference §7): the 113,673,219-parameter model, 1_200_000 steps.
+"""LSUN church_outdoor 256x256 (docs/original.md §7): the 113,673,219-parameter model, 1_200_000 steps.
 
 Data: TFDS `lsun/church_outdoor` (images centre-cropped and resized to 256x256), streamed.
 lr 2e-5, batch 64, dropout 0, fixedsmall variance. Flips: flips on, as paper and script agree.

@@ -3,7 +3,7 @@
 `params_from_diffusers` maps a diffusers `UNet2DModel` state dict (e.g. `google/ddpm-cifar10-32`,
 `google/ddpm-celebahq-256`) onto our parameters. Names are derived through the original TF names
 (`unet.tf_variable_names`), so every level/block index is computed from the model, not hard-coded.
-`params_from_tf` does the same for the original TF checkpoints (reference §1.8), whose names and
+`params_from_tf` does the same for the original TF checkpoints (docs/original.md §1.8), whose names and
 layouts are ours already.
 
 Command line (writes an Orbax checkpoint that `--mode=sample|eval|train` load like our own):
@@ -232,7 +232,7 @@ def check_diffusers_config(config: Mapping[str, Any], model: UNet) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The authors' TF checkpoints (reference §1.8)
+# The authors' TF checkpoints (docs/original.md §1.8)
 # ----------------------------------------------------------------------------------------------
 
 MODEL_SCOPE = "model/"

@@ -1,6 +1,6 @@
 """`--mode=eval`: Inception Score, FID (train and test) and bits/dim of the EMA weights.
 
-Protocol (reference §5 and §2.6):
+Protocol (docs/original.md §5 and §2.6):
 
 * Samples: `eval.num_samples` EMA samples (`sample.method`, `sample.clip_denoised`) made over all
   devices in parts of `eval.batch_size`. Part i is call i of `sampling.generate` with the key
@@ -100,7 +100,7 @@ def inception_input(images: np.ndarray, *, quantize: bool = True) -> np.ndarray:
     """Inception's input from images: float32 RGB [N, H, W, 3] with values in [0, 255].
 
     uint8 images pass through unchanged. Float samples in [-1, 1] are clipped and mapped by
-    (x+1)·127.5 (reference §5.1). With `quantize` they are also rounded to uint8 levels, giving
+    (x+1)·127.5 (docs/original.md §5.1). With `quantize` they are also rounded to uint8 levels, giving
     exactly the values of the stored samples (`images.to_uint8`). Grey images are repeated to
     three channels.
     """

@@ -1,7 +1,7 @@
 """The FID Inception network (TF graph of 2015-12-05) as pure JAX functions over a params pytree.
 
 This is the network behind TTUR's FID, OpenAI's Inception Score and TF-GAN's `run_inception`
-(reference §5), in the PyTorch port used by pytorch-fid and torch-fidelity
+(docs/original.md §5), in the PyTorch port used by pytorch-fid and torch-fidelity
 (`FeatureExtractorInceptionV3`). It differs from torchvision's Inception-v3 in ways that matter:
 
 * TF1 bilinear resize of the input to 299x299 (`align_corners=False`, no half-pixel centres);
@@ -355,7 +355,7 @@ def inception_apply(params: Params, images: jax.Array, dtype: Any = None) -> dic
     Args:
       params: pytree from `load_inception_params` / `state_dict_to_params`.
       images: [N, H, W, 3]; values are NOT quantised, so float samples `(x + 1) * 127.5` work
-        as in the original repo's monitor (reference §5.1).
+        as in the original repo's monitor (docs/original.md §5.1).
       dtype: compute dtype; defaults to the params' dtype. float64 needs `jax_enable_x64`.
         Static under `jax.jit` (use `static_argnames="dtype"`).
 

@@ -1,4 +1,4 @@
-"""Inception Score and FID on the host, in float64 NumPy (reference §5).
+"""Inception Score and FID on the host, in float64 NumPy (docs/original.md §5).
 
 Which Inception outputs to use:
 

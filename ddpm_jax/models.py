@@ -27,7 +27,7 @@ def output_channels(config) -> int:
 
 
 def create_model(config, seed: int | None = None) -> unet.UNet:
-    """The UNet of `config.model`, initialised like the original (reference §1.2)."""
+    """The UNet of `config.model`, initialised like the original (docs/original.md §1.2)."""
     validate.check_model_shape(config)
     model_config = config.model
     return unet.UNet(

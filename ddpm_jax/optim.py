@@ -1,4 +1,4 @@
-"""The original's optimiser (reference §3.4): TF1 Adam, linear warmup, clipping and EMA."""
+"""The original's optimiser (docs/original.md §3.4): TF1 Adam, linear warmup, clipping and EMA."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(config, graphdef: nnx.GraphDef, params: models.Params) -> TrainState:
-    """Step 0: the EMA shadow starts at the initial weights (reference §3.4)."""
+    """Step 0: the EMA shadow starts at the initial weights (docs/original.md §3.4)."""
     optimizer = optim.make_optimizer(config.training)
     return TrainState(
         step=jnp.zeros([], jnp.int32),

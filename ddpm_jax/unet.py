@@ -347,7 +347,7 @@ def _block_dropout_key(dropout_key: jax.Array | None, block_index: int) -> jax.A
 class UNet(nnx.Module):
     """The DDPM UNet (`unet.model`); CIFAR10 is ch=128, ch_mult=(1,2,2,2), 2 blocks, attn at 16.
 
-    Forward pass (reference §1.7):
+    Forward pass (docs/original.md §1.7):
       temb = temb_mlp(sinusoid(t, ch)); hs = [conv_in(x)]
       down levels: resblocks (+attn at attn_resolutions), pushing every output; downsample
       between levels; mid: block_1, attn_1, block_2; up levels (num_res_blocks + 1 blocks each)

@@ -1,4 +1,4 @@
-"""Configs state the paper's recipes (reference §3.1, §3.4, §7), and `--mode=info` reports the
+"""Configs state the paper's recipes (docs/original.md §3.1, §3.4, §7), and `--mode=info` reports the
 reference's parameter counts."""
 
 import importlib

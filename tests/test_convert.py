@@ -2,7 +2,7 @@
 
 References: TF1 checkpoints written here by TF's own `Saver`, `ExponentialMovingAverage` and
 `AdamOptimizer` (so the shadow/slot names are TF's, not ours); diffusers' `UNet2DModel` forward
-pass (an independent implementation); the literal variable names and count of reference §1.8.
+pass (an independent implementation); the literal variable names and count of docs/original.md §1.8.
 """
 
 import contextlib
@@ -139,7 +139,7 @@ def _forward(model, x, t):
 
 
 # ----------------------------------------------------------------------------------------------
-# Names (reference §1.8)
+# Names (docs/original.md §1.8)
 # ----------------------------------------------------------------------------------------------
 
 

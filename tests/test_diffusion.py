@@ -1,6 +1,6 @@
 """Tests for ddpm_jax.diffusion against independent references.
 
-References used: numbers quoted in /work/shared/reference/original_ddpm.md, closed-form Gaussian
+References used: numbers quoted in docs/original.md (the authors' code read line by line), closed-form Gaussian
 algebra written out here in float64 NumPy (Bayes' rule, KL), exact normal CDFs / quadrature from
 SciPy, Monte Carlo, and diffusers' schedule implementations.
 """
@@ -125,7 +125,7 @@ def uniform(rng, shape, low=-1.0, high=1.0):
 
 def test_reference_numbers(linear_schedule):
     s = linear_schedule
-    # Values quoted in the reference (§2.1, §2.2, §4).
+    # Values quoted in docs/original.md (§2.1, §2.2, §4).
     np.testing.assert_allclose(s.betas[1], 1.1991992e-4, rtol=1e-6)
     np.testing.assert_allclose(s.alphas_cumprod[999], 4.0358e-5, rtol=1e-4)
     np.testing.assert_allclose(s.sqrt_alphas_cumprod[999], 6.353e-3, rtol=1e-3)
@@ -491,7 +491,7 @@ def test_prior_bpd(linear_schedule):
         # float32 evaluation of -1 + exp(lv) + ... loses ~1e-7 absolute on a ~3e-5 quantity
         # (and rounds the ~6e-10 nats of x_0 = 0 to zero).
         np.testing.assert_allclose(value, expected, rtol=1e-2, atol=3e-7)
-    np.testing.assert_allclose(prior[0], 2.9e-5, rtol=2e-2)  # reference §2.6
+    np.testing.assert_allclose(prior[0], 2.9e-5, rtol=2e-2)  # docs/original.md §2.6
     assert prior[2] < 1e-6 < prior[0] < 1e-4
 
 

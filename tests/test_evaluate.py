@@ -1,7 +1,7 @@
 """`--mode=eval` (ddpm_jax.evaluate) on 8 simulated devices.
 
 References: the bound of the exact denoiser of a point mass, in closed form (float64 NumPy, from
-the formulas of reference §2.6); single-device `calc_bpd_loop` calls with the documented keys;
+the formulas of docs/original.md §2.6); single-device `calc_bpd_loop` calls with the documented keys;
 an unsharded Inception and NumPy IS/FID formulas on the stored parts; an uninterrupted run, for
 the resumed one. Data are `tfds.testing.mock_data` CIFAR10 (offline); Inception has seeded random
 weights (no download).
@@ -61,12 +61,12 @@ def inception_npz(tmp_path_factory):
 
 
 def _tanh_normal_cdf(x):
-    """The original's approximate standard normal CDF (reference §2.6)."""
+    """The original's approximate standard normal CDF (docs/original.md §2.6)."""
     return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def _point_mass_bound(betas: np.ndarray, x0: np.ndarray, var_type: str) -> dict[str, np.ndarray]:
-    """Bound (bits/dim) of the exact model of the data distribution δ(x0), from reference §2.6.
+    """Bound (bits/dim) of the exact model of the data distribution δ(x0), from docs/original.md §2.6.
 
     The exact ε gives x̂0 = x0, so every model mean equals the posterior mean and the KL terms
     only see the variances; the decoder is the discretised Gaussian around x0.

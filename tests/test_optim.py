@@ -1,4 +1,4 @@
-"""The original's optimiser pieces against direct computations (reference §3.4)."""
+"""The original's optimiser pieces against direct computations (docs/original.md §3.4)."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Tests of ddpm_jax.unet against the reference numbers (original_ddpm.md §1) and closed forms."""
+"""Tests of ddpm_jax.unet against the reference numbers (docs/original.md §1) and closed forms."""
 
 import math
 
@@ -130,7 +130,7 @@ def test_tf_variable_names_and_shapes(cifar10_abstract):
         "model/up_0/block_2/norm2/gamma": (128,),
         "model/norm_out/beta": (128,),
         "model/conv_out/W": (3, 3, 128, 3),
-        # Up-path input channels, reference table in §1.7 (h + skip).
+        # Up-path input channels, the table of docs/original.md §1.7 (h + skip).
         "model/up_3/block_0/norm1/gamma": (512,),
         "model/up_2/block_2/norm1/gamma": (512,),
         "model/up_1/block_1/norm1/gamma": (512,),
