@@ -136,8 +136,9 @@ def interpolate(denoise_fn: DenoiseFn, schedule: Schedule, x1: jax.Array, x2: ja
 
     Returns outputs of shape [M, B, H, W, C] for the M weights λ (so row m is λ_m for every pair).
     At t0 = 0 the mix of the images themselves is returned; λ = 0 and λ = 1 give x1 and x2
-    exactly. (The original q_samples at code index t and runs p_sample from t − 1, one reverse
-    step short of its own noise level; here t0 noise steps are undone by t0 reverse steps.)
+    exactly. (The original q_samples at code index t and runs p_sample from t down to 0:
+    t + 1 noise steps undone by t + 1 reverse steps, as here with t0 = t + 1 paper steps;
+    docs/deviations.md D19.)
     """
     _check_t0(schedule, t0)
     weights = jnp.asarray(mix_weights, jnp.float32)
