@@ -300,9 +300,15 @@ def sample_meta(config, step: int, num_devices: int, fingerprint: str) -> dict[s
             "seed": int(config.eval.seed), "num_devices": int(num_devices),
             "method": sc.method, "clip_denoised": bool(sc.clip_denoised),
             "quantize": bool(config.eval.quantize), "inception": fingerprint}
-    if sc.method == "ddim":
-        meta.update(ddim_steps=int(sc.ddim_steps), ddim_eta=float(sc.ddim_eta),
-                    ddim_skip=sc.ddim_skip)
+    if sc.method != "ancestral":
+        from ddpm_jax import sampling
+
+        settings = sampling.method_settings(sc.to_dict())  # num_steps as the method resolves it
+        if sc.method == "ddim":  # recorded under the names of parts made before the solvers
+            meta.update(ddim_steps=int(settings["num_steps"]), ddim_eta=float(sc.ddim_eta),
+                        ddim_skip=sc.ddim_skip)
+        else:
+            meta.update({field: settings[field] for field in sampling.METHOD_FIELDS[sc.method]})
     return meta
 
 

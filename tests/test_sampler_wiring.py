@@ -391,3 +391,24 @@ def test_a_grid_sampler_the_model_cannot_take_stops_training_before_it_starts(tm
     with pytest.raises(ValueError, match="sample.method=dpm_solver needs an eps model"):
         main.run("train", config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_eval_parts_record_the_solver_settings_they_were_drawn_with():
+    """Eval resumes from parts only when their metadata matches: other solver settings or a
+    num_steps that overrides ddim_steps must not match the parts drawn before."""
+    from ddpm_jax import evaluate
+    from helpers import tiny_config
+
+    def meta(**sample):
+        config = tiny_config()
+        for key, value in sample.items():
+            config.sample[key] = value
+        return evaluate.sample_meta(config, 2, 8, "inception")
+
+    solver = meta(method="dpm_solver", num_steps=10)
+    assert solver != meta(method="dpm_solver", num_steps=10, solver_order=3)
+    assert solver != meta(method="dpm_solver", num_steps=10, timestep_spacing="trailing")
+    assert solver != meta(method="dpm_solver", num_steps=12)
+    assert solver != meta(method="unipc", num_steps=10)
+    assert meta(method="ddim", ddim_steps=5) == meta(method="ddim", num_steps=5, ddim_steps=9)
+    assert meta(method="ddim", ddim_steps=5) != meta(method="ddim", num_steps=4, ddim_steps=5)
