@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import checkpointing, main, train_step
-from helpers import tiny_config
+from helpers import Watched, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,17 +145,16 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
     workdir = str(tmp_path / "run")
-    process = subprocess.Popen(_cli(workdir, 12, 100), cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    # Stop it mid-run, once a few steps have been trained (the log writes each step).
-    events = os.path.join(workdir, "checkpoints")
-    _wait_for(lambda: os.path.isdir(events) and
-              any(f.startswith("events") for f in os.listdir(workdir)), process)
-    time.sleep(3)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    assert "Stopped by SIGTERM" in out
+    run = Watched(_cli(workdir, 12, 100)[3:], REPO)
+    try:
+        # SIGTERM before the first step (while it compiles, which may be a cache hit and fast):
+        # the run must finish the current call, save and exit 0, whatever the machine's speed.
+        run.wait_for("compiling the train step")
+        run.process.send_signal(signal.SIGTERM)
+        assert run.finish(timeout=300) == 0, run.text()[-3000:]
+    finally:
+        run.kill()
+    assert "Stopped by SIGTERM" in run.text("stdout")
     manager = checkpointing.make_manager(workdir, read_only=True)
     stopped_at = manager.latest_step()
     assert stopped_at is not None and 0 < stopped_at < 12
