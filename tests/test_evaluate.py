@@ -170,7 +170,9 @@ def test_inception_input_scaling_quantisation_and_grey():
     samples = np.random.default_rng(2).uniform(-1.1, 1.1, size=(3, 4, 4, 1)).astype(np.float32)
     quantised = evaluate.inception_input(samples, quantize=True)
     assert quantised.shape == (3, 4, 4, 3) and quantised.dtype == np.float32
-    np.testing.assert_array_equal(quantised, np.repeat(images.to_uint8(samples), 3, -1))
+    # Rounded to the nearest of the 256 levels (x + 1)·127.5, clipped to 0..255, grey to RGB.
+    levels = np.clip(np.round((samples.astype(np.float64) + 1.0) * 127.5), 0, 255)
+    np.testing.assert_array_equal(quantised, np.repeat(levels, 3, -1))
     unquantised = evaluate.inception_input(samples, quantize=False)
     expected = np.repeat((np.clip(samples, -1, 1) + 1.0) * 127.5, 3, -1)
     np.testing.assert_allclose(unquantised, expected, rtol=1e-6)

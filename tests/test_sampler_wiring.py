@@ -365,7 +365,7 @@ def test_training_grid_of_a_short_schedule_takes_the_steps_it_allows():
     method = sampling.check_method(sampling.grid_config(config))
     table = diffusion.schedule_from_config(config.diffusion).alphas_cumprod
     assert method.num_steps < 20
-    with pytest.raises(ValueError):  # one more does not fit the logsnr grid
+    with pytest.raises(ValueError, match="repeats timesteps of the 20-step schedule"):  # one more does not fit the logsnr grid
         solvers.solver_timesteps(table, method.num_steps + 1, "logsnr")
 
 
