@@ -17,6 +17,83 @@ def _config(name):
     return importlib.import_module(f"configs.{name}").get_config()
 
 
+def _same_padding_taps(size, stride, kernel):
+    """Σ over the outputs of one spatial axis of the kernel taps that fall inside the input (TF's
+    SAME padding: pad_lo = ⌊total/2⌋), i.e. the multiply-adds XLA counts for a padded conv."""
+    out = -(-size // stride)
+    low = max((out - 1) * stride + kernel - size, 0) // 2
+    return sum(0 <= o * stride - low + j < size for o in range(out) for j in range(kernel))
+
+
+def _architecture_counts(config):
+    """(parameters, forward multiply-adds per image) of the original UNet (docs/original.md §1),
+    walked block by block from the config: convs, dense layers and the attention products."""
+    m = config.model
+    temb, size = 4 * m.ch, config.data.image_size
+    out_ch = config.data.channels * (2 if config.diffusion.var_type.startswith("learned") else 1)
+    count = {"params": 0, "macs": 0}
+
+    def conv(res, cin, cout, k=3, stride=1):  # 1x1 convs are the original's dense `nin`s
+        count["params"] += k * k * cin * cout + cout
+        count["macs"] += _same_padding_taps(res, stride, k) ** 2 * cin * cout
+
+    def dense(cin, cout):
+        count["params"] += cin * cout + cout
+        count["macs"] += cin * cout
+
+    def norm(c):
+        count["params"] += 2 * c
+
+    def resnet_block(res, cin, cout):
+        norm(cin)
+        conv(res, cin, cout)
+        dense(temb, cout)
+        norm(cout)
+        conv(res, cout, cout)
+        if cin != cout:
+            conv(res, cin, cout, k=1)
+
+    def attention(res, c):
+        norm(c)
+        for _ in ("q", "k", "v", "proj_out"):
+            conv(res, c, c, k=1)
+        count["macs"] += 2 * (res * res) ** 2 * c  # q·kᵀ and weights·v
+
+    dense(m.ch, temb)
+    dense(temb, temb)
+    if m.num_classes > 1:
+        count["params"] += (m.num_classes + 1) * temb
+    res, c = size, m.ch
+    conv(res, config.data.channels, c)
+    skips = [c]
+    for level, mult in enumerate(m.ch_mult):
+        for _ in range(m.num_res_blocks):
+            resnet_block(res, c, m.ch * mult)
+            c = m.ch * mult
+            if res in m.attn_resolutions:
+                attention(res, c)
+            skips.append(c)
+        if level < len(m.ch_mult) - 1:
+            conv(res, c, c, stride=2)
+            res //= 2
+            skips.append(c)
+    resnet_block(res, c, c)  # mid
+    attention(res, c)
+    resnet_block(res, c, c)
+    for level in reversed(range(len(m.ch_mult))):
+        for _ in range(m.num_res_blocks + 1):
+            resnet_block(res, c + skips.pop(), m.ch * m.ch_mult[level])
+            c = m.ch * m.ch_mult[level]
+            if res in m.attn_resolutions:
+                attention(res, c)
+        if level > 0:
+            res *= 2
+            conv(res, c, c)
+    norm(c)
+    conv(res, c, out_ch)
+    return count["params"], count["macs"]
+
+
 def test_cifar10_is_the_papers_recipe():
     c = _config("cifar10")
     assert (c.data.name, c.data.image_size, c.data.channels, c.data.random_flip) == (
@@ -45,12 +122,23 @@ def test_256px_configs(name, steps, flip):
     assert info.model_info(c, flops=False)["num_params"] == 113_673_219
 
 
-@pytest.mark.parametrize("name", ["default", "cifar10", "digits", "imagefolder", "mnist", "fashion_mnist", "celebahq256", "lsun_bedroom",
-                                  "lsun_church", "lsun_cat"])
+CONFIG_NAMES = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, "configs"))
+                      if f.endswith(".py") and f != "__init__.py")
+
+
+def test_the_architecture_walk_gives_the_reference_counts():
+    # docs/original.md §1.9: 35,746,307 parameters for CIFAR10, 113,673,219 at 256 px.
+    assert _architecture_counts(_config("cifar10"))[0] == 35_746_307
+    assert _architecture_counts(_config("celebahq256"))[0] == 113_673_219
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_every_config_builds_its_model(name):
     c = _config(name)
     out = info.model_info(c, flops=False)
-    assert out["num_params"] > 0 and len(out["scopes"]) == 2 * len(c.model.ch_mult) + 5
+    assert out["num_params"] == _architecture_counts(c)[0]
+    # temb, conv_in, a down and an up scope per level, mid, norm_out, conv_out (+ class_embed).
+    assert len(out["scopes"]) == 2 * len(c.model.ch_mult) + 5 + (c.model.num_classes > 1)
 
 
 def test_info_mode_prints_counts_and_flops():
@@ -62,8 +150,10 @@ def test_info_mode_prints_counts_and_flops():
     assert "up_1           7,155,712  (16x16, 256 ch)" in result.stdout
     flops_line = [line for line in result.stdout.splitlines() if "FLOPs per image" in line][0]
     gflops = float(flops_line.split(":")[1].split()[0])
-    # ~35.7M params at mostly 16x16/32x32 resolution: 2 FLOPs per MAC, ~6 GMAC per image.
-    assert 8 < gflops < 16
+    # 2 FLOPs per multiply-add of the convs, dense layers and attention products; XLA adds one per
+    # element of the norms, activations and sums, under 1% here.
+    matmul_gflops = 2 * _architecture_counts(_config("cifar10"))[1] / 1e9
+    assert matmul_gflops - 0.005 <= gflops < 1.01 * matmul_gflops, (gflops, matmul_gflops)
 
 
 def test_unknown_mode_is_a_one_line_error():
@@ -93,8 +183,11 @@ def test_cpu_runs_get_one_device_per_core_that_batches_divide(cores, expected):
         assert "device_count" not in flags
     else:
         assert flags.endswith(f"--xla_force_host_platform_device_count={expected}")
-        for batch in (64, 100, 128, 256):  # the configs' train/sample batch sizes
-            assert batch % expected == 0
+        for name in CONFIG_NAMES:  # every config's batches split evenly over those devices
+            c = _config(name)
+            for batch in (c.training.batch_size, c.sample.batch_size, c.eval.batch_size,
+                          c.eval.bpd_batch_size):
+                assert batch % expected == 0, (name, batch)
 
 
 def test_cpu_device_count_set_by_the_user_is_kept():

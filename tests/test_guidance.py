@@ -99,9 +99,14 @@ def test_both_samplers_take_the_guided_model(perturbed_model):
         assert float(jnp.abs(guided3 - plain).max()) > 1e-2
 
 
-def test_null_class_is_never_a_real_label():
-    assert unet.null_class(NUM_CLASSES) == NUM_CLASSES
-    assert unet.null_class(NUM_CLASSES) not in range(NUM_CLASSES)
+def test_null_class_is_never_a_real_label(perturbed_model):
+    assert unet.null_class(NUM_CLASSES) == NUM_CLASSES  # row num_classes (docs/deviations.md D15)
+    # The unconditional prediction (w = 0, the null label) is that of no real class.
+    config, graphdef, params, x, t, _ = perturbed_model
+    uncond = models.guided_denoise_fn(graphdef, params, jnp.zeros_like(t), 0.0)(x, t)
+    for label in range(NUM_CLASSES):
+        cond = models.denoise_fn(graphdef, params, jnp.full_like(t, label))(x, t)
+        assert float(jnp.abs(cond - uncond).max()) > 1e-2, label
     labels = jnp.asarray(np.arange(4096) % NUM_CLASSES, jnp.int32)
     dropped = np.asarray(train_step.drop_labels(jax.random.key(0), jnp.int32(0), labels,
                                                 NUM_CLASSES, 0.5))
@@ -140,10 +145,26 @@ def test_conditional_param_count_adds_one_embedding_row_per_class_plus_null():
 
 
 def test_cond_configs():
-    for module, guidance in ((mnist_cond, 5.0), (cifar10_cond, 3.0), (digits_cond, 3.0)):
+    """Each `_cond` config is its unconditional config plus the class settings, with the guidance
+    scale and label dropout its docstring states."""
+    import re
+
+    from configs import digits, mnist
+
+    def flat(tree, prefix=""):
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    for module, base in ((mnist_cond, mnist), (cifar10_cond, cifar10), (digits_cond, digits)):
         config = module.get_config()
-        assert config.model.num_classes == 10 and config.model.class_dropout == 0.1
-        assert config.sample.guidance_scale == guidance
+        doc = " ".join(module.__doc__.split())
+        assert re.findall(r"w = (\d+)", doc) == [f"{config.sample.guidance_scale:g}"], doc
+        assert re.search(r"(label dropout|p =) 0\.1\b", doc) and config.model.class_dropout == 0.1
+        assert config.model.num_classes == 10
+        ours, theirs = flat(config.to_dict()), flat(base.get_config().to_dict())
+        changed = {key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)}
+        assert changed == {"model.num_classes", "sample.guidance_scale"}  # class_dropout: default 0.1
 
 
 def test_dataset_class_count_must_match():
