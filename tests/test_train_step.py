@@ -59,27 +59,47 @@ def test_per_device_clipping_equals_clipping_each_shard_then_averaging(clipping_
     images, labels = _batch(config, 1)
     graphdef, state, _ = _run(config, mesh, images, labels)
 
-    # Reference: 8 shards of 2 examples, each shard's gradient clipped to 0.05, then averaged.
+    # Reference, written out here rather than taken from train_step/optim: 8 shards of 2 examples.
+    # Each example's (t, ε, flip) comes from fold_in(fold_in(key(seed), step 0), its global index)
+    # (train_step's key rule); its loss is L_simple, the mean over pixels of (ε − ε_θ(x_t, t))² with
+    # x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε and ᾱ from the float64 linear schedule. Each shard's gradient is
+    # clipped to norm 0.05, the 8 are averaged, and one TF1 Adam step follows (docs/original.md
+    # §3.4): m = (1 − β1) g, v = (1 − β2) g², θ − lr·√(1 − β2)/(1 − β1)·m/(√v + ε̂).
+    from ddpm_jax import models
+
     _, initial = train_step.create_train_state(config, parallel.make_mesh(jax.devices()[:1]))
     initial = jax.device_get(initial)
-    loss_fn = train_step.make_loss_fn(graphdef, config)
+    dc, tc = config.diffusion, config.training
+    alphas_cumprod = np.cumprod(1.0 - np.linspace(dc.beta_start, dc.beta_end, dc.num_timesteps))
     step_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     per_shard, shards = 2, 8
     clipped = []
     for shard in range(shards):
-        rows = slice(shard * per_shard, (shard + 1) * per_shard)
-        t, noise, flip = train_step.per_example_randomness(
-            step_key, jnp.int32(shard * per_shard), per_shard, images.shape[2:],
-            config.diffusion.num_timesteps)
-        x = train_step.random_flip(train_step.scale_images(jnp.asarray(images[0, rows])), flip)
-        grads = jax.grad(lambda p: loss_fn(p, x, None, t, noise, None)[0])(initial.params)
-        norm = optax.global_norm(grads)
-        assert float(norm) > 0.05  # the clip is active for every shard
-        clipped.append(jax.tree.map(lambda g: g * 0.05 / norm, grads))
+        ts, noises, xs = [], [], []
+        for index in range(shard * per_shard, (shard + 1) * per_shard):
+            t_key, noise_key, flip_key = jax.random.split(jax.random.fold_in(step_key, index), 3)
+            ts.append(int(jax.random.randint(t_key, [], 0, dc.num_timesteps)))
+            noises.append(np.asarray(jax.random.normal(noise_key, images.shape[2:])))
+            x = images[0, index].astype(np.float32) / 127.5 - 1.0
+            xs.append(x[:, ::-1] if bool(jax.random.bernoulli(flip_key, 0.5)) else x)
+        t, noise = jnp.asarray(ts, jnp.int32), np.stack(noises)
+        root = np.sqrt(alphas_cumprod[ts])[:, None, None, None]
+        x_t = jnp.asarray(root * np.stack(xs) + np.sqrt(1 - root**2) * noise, jnp.float32)
+
+        def loss(params):
+            return jnp.mean((noise - models.denoise_fn(graphdef, params)(x_t, t)) ** 2)
+
+        grads = jax.grad(loss)(initial.params)
+        norm = float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64))
+                                 for g in jax.tree.leaves(grads))))
+        assert norm > 0.05  # the clip is active for every shard
+        clipped.append(jax.tree.map(lambda g: np.asarray(g, np.float64) * 0.05 / norm, grads))
     mean_grad = jax.tree.map(lambda *g: sum(g) / shards, *clipped)
-    optimizer = optim.make_optimizer(config.training)
-    updates, _ = optimizer.update(mean_grad, optimizer.init(initial.params), initial.params)
-    expected = optax.apply_updates(initial.params, updates)
+    b1, b2 = tc.adam_b1, tc.adam_b2
+    expected = jax.tree.map(
+        lambda p, g: p - tc.lr * np.sqrt(1 - b2) / (1 - b1) * (1 - b1) * g
+        / (np.sqrt((1 - b2) * g * g) + tc.adam_eps), initial.params, mean_grad)
+    assert tc.warmup_steps == 0 and tc.adam_eps_style == "tf"  # the recipe written out above
     assert _max_diff(state.params, expected) <= 1e-5
 
     # And it is not what clipping the averaged gradient gives.
@@ -90,13 +110,11 @@ def test_per_device_clipping_equals_clipping_each_shard_then_averaging(clipping_
 
 def test_steps_per_call_scan_equals_separate_calls():
     config = tiny_config()
-    config.training.dropout = 0.0
+    config.model.dropout = 0.1  # its keys follow the step too, inside the scan as outside
     mesh = parallel.make_mesh()
     images, labels = _batch(config, 3, seed=1)
-    config.training.steps_per_call = 3
-    _, scanned, metrics = _run(config, mesh, images, labels)
+    _, scanned, metrics = _run(config, mesh, images, labels)  # one call scanning 3 steps
     assert metrics["loss"].shape == (3,)
-    config.training.steps_per_call = 1
     graphdef, state = train_step.create_train_state(config, mesh)
     step = train_step.make_train_step(graphdef, config, mesh)
     for k in range(3):
