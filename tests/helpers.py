@@ -118,3 +118,30 @@ def trained_workdir(tmp_path_factory) -> str:
     config.training.num_steps = 2
     main.run("train", config, workdir)
     return workdir
+
+
+def read_grid(path, rows: int, columns: int, tile: int, padding: int = 2, min_side: int = 256):
+    """The `rows` x `columns` tiles [rows·columns, tile, tile, C] of a saved grid PNG, asserting
+    its layout: tiles of `tile` pixels between white lines `padding` wide, the whole enlarged by
+    pixel repetition by the smallest whole factor that makes its longer side ≥ `min_side`."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    height, width = rows * (tile + padding) + padding, columns * (tile + padding) + padding
+    factor = max(1, -(-min_side // max(height, width)))
+    assert pixels.shape[:2] == (factor * height, factor * width), (pixels.shape, rows, columns)
+    small = pixels[::factor, ::factor]
+    assert np.array_equal(small.repeat(factor, 0).repeat(factor, 1), pixels)
+    starts = padding + (tile + padding) * np.arange(max(rows, columns))
+    in_tile_row, in_tile_column = np.zeros(height, bool), np.zeros(width, bool)
+    for start in starts[:rows]:
+        in_tile_row[start:start + tile] = True
+    for start in starts[:columns]:
+        in_tile_column[start:start + tile] = True
+    padding_mask = ~(in_tile_row[:, None] & in_tile_column[None, :])
+    assert (small[padding_mask] == 255).all(), "the lines between tiles are not white"
+    return np.stack([small[r0:r0 + tile, c0:c0 + tile]
+                     for r0 in starts[:rows] for c0 in starts[:columns]])

@@ -82,9 +82,19 @@ def test_inpaint_keeps_the_known_pixels_exactly(schedule):
         if t0 != 0:
             assert float(jnp.abs(result.output - x_known)[np.broadcast_to(mask, x_known.shape)]
                          .max()) > 0.05
-    # At T the masked region starts from fresh noise, the rest from q(x_T | x_known).
-    start = tasks.inpaint(smooth_eps(schedule), schedule, x_known, mask, jax.random.key(4)).start
-    assert start.shape == x_known.shape
+    # At T the masked region starts from fresh noise, the rest from q(x_T | x_known). A schedule
+    # that keeps ᾱ_T ≈ 0.97 tells the two apart: (x_T − √ᾱ_T x) / √(1 − ᾱ_T) is N(0, 1) outside the
+    # mask, and x_T itself is N(0, 1) inside it (5 standard errors on ≥ 16k pixels).
+    betas = np.linspace(1e-4, 2e-3, T)
+    alpha_bar = np.prod(1.0 - betas)
+    x_many = images(3, (512, 8, 8, 1))
+    start = np.asarray(tasks.inpaint(smooth_eps(schedule), diffusion.make_schedule(betas), x_many,
+                                     mask, jax.random.key(4)).start, np.float64)
+    inside = np.broadcast_to(mask, x_many.shape)
+    scaled = (start - np.sqrt(alpha_bar) * np.asarray(x_many)) / np.sqrt(1.0 - alpha_bar)
+    for values in (scaled[~inside], start[inside]):
+        assert abs(values.mean()) < 5 / np.sqrt(values.size)
+        assert abs(values.std() - 1) < 5 / np.sqrt(2 * values.size)
 
 
 def test_interpolate_from_step_0_returns_the_endpoints_and_mixes_latents(schedule):
@@ -105,21 +115,22 @@ def test_interpolate_from_step_0_returns_the_endpoints_and_mixes_latents(schedul
 
 
 def test_denoise_is_the_one_step_x0_prediction(schedule):
-    x = images(7)
+    x = images(7, (64, 8, 8, 1))
     steps = [0, 10, 49]
     model = smooth_eps(schedule)
     x_t, pred = tasks.denoise(model, schedule, x, jax.random.key(0), timesteps=steps,
                               clip_denoised=False)
     assert x_t.shape == pred.shape == (3,) + x.shape
     for i, t in enumerate(steps):
-        t_batch = jnp.full((4,), t, jnp.int32)
+        t_batch = jnp.full((64,), t, jnp.int32)
         eps = np.asarray(model(x_t[i], t_batch), np.float64)
         alpha_bar = ALPHAS_CUMPROD[t]
         expected = (np.asarray(x_t[i], np.float64) - np.sqrt(1 - alpha_bar) * eps) / np.sqrt(alpha_bar)
         np.testing.assert_allclose(pred[i], expected, rtol=1e-4, atol=1e-4)
-        # x_t is a draw of q(x_t | x_0): its noise has the right scale.
-        noise = (np.asarray(x_t[i]) - np.sqrt(alpha_bar) * np.asarray(x)) / np.sqrt(1 - alpha_bar)
-        assert 0.6 < noise.std() < 1.4
+        # x_t is a draw of q(x_t | x_0): its noise is N(0, 1) (5 standard errors on 4096 pixels).
+        noise = (np.asarray(x_t[i], np.float64) - np.sqrt(alpha_bar) * np.asarray(x)) / np.sqrt(1 - alpha_bar)
+        assert abs(noise.mean()) < 5 / np.sqrt(noise.size)
+        assert abs(noise.std() - 1) < 5 / np.sqrt(2 * noise.size)
     with pytest.raises(ValueError, match="outside"):
         tasks.denoise(model, schedule, x, jax.random.key(0), timesteps=[T])
 
@@ -170,7 +181,32 @@ def conditional_workdir(tmp_path_factory):
     return config, workdir
 
 
+def _task_pictures(task, saved, digit):
+    """(file name, its tiles as [rows, columns, 8, 8]) that `task` promises, from its saved
+    arrays: input.png the input(s); output.png a row per image (columns: the mixing weights of
+    interpolate, the steps of denoise); strip.png a row per image of x̂_0 from t0 (left) to the
+    end, or of x_t per step for denoise, or start | output when t0 = 0 takes no step."""
+    by_image = lambda a: a[..., 0].swapaxes(0, 1)  # [columns, images, ...] -> [images, columns, ...]
+    if task == "interpolate":
+        yield "input.png", np.stack([digit, digit.T])[:, None]
+    else:
+        yield "input.png", digit[None, None]
+    if task in ("interpolate", "denoise"):
+        yield "output.png", by_image(saved["output"])
+    else:
+        yield "output.png", saved["output"][:, None, ..., 0]
+    if task == "denoise":
+        yield "strip.png", by_image(saved["noised"])
+    elif "progress" in saved:
+        yield "strip.png", by_image(saved["progress"][::-1])
+    else:
+        tiles = lambda a: a.reshape((-1, 8, 8))
+        yield "strip.png", np.stack([tiles(saved["start"]), tiles(saved["output"])], axis=1)
+
+
 def test_each_task_writes_input_output_and_strip(conditional_workdir, tmp_path):
+    from helpers import read_grid
+
     config, workdir = conditional_workdir
     digit = np.zeros((8, 8), np.uint8)
     digit[1:7, 3:5] = 255
@@ -192,9 +228,13 @@ def test_each_task_writes_input_output_and_strip(conditional_workdir, tmp_path):
         main.run("sample", config, workdir)
         (out_dir,) = glob.glob(os.path.join(workdir, "samples",
                                             f"{task}_step00000001_seed0{suffix}_*"))
-        for name in ("input.png", "output.png", "strip.png"):
-            assert Image.open(os.path.join(out_dir, name)).size[0] >= 8
-        outputs[task, t0] = dict(np.load(os.path.join(out_dir, "outputs.npz")))
+        outputs[task, t0] = saved = dict(np.load(os.path.join(out_dir, "outputs.npz")))
+        # The pictures: 8 x 8 tiles, one row per image (the 2 labels of the one input), in the
+        # layout each file promises, showing the saved arrays.
+        for name, expected in _task_pictures(task, saved, digit):
+            rows, columns = expected.shape[:2]
+            got = read_grid(os.path.join(out_dir, name), rows, columns, 8)
+            np.testing.assert_array_equal(got[..., 0], expected.reshape(-1, 8, 8), err_msg=name)
 
     # Each input once per requested label (2), class-major.
     np.testing.assert_array_equal(outputs["img2img", 0]["labels"], [1, 7])
