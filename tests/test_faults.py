@@ -17,18 +17,27 @@ def _restore(workdir, config, step):
     return jax.device_get(checkpointing.restore(manager, abstract, config, step=step)[0])
 
 
-def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config = tiny_config()
     workdir = str(tmp_path)
     main.run("train", config, workdir)  # checkpoints at 2 and 4
+    damaged = []
     for path in glob.glob(os.path.join(workdir, "checkpoints", "4", "state", "*")):
         if os.path.isfile(path):
             with open(path, "wb") as f:
                 f.write(b"\0garbage")
+            damaged.append(os.path.basename(path))
     config.training.num_steps = 6
+    caplog.set_level("INFO")
     main.run("train", config, workdir)
-    # The damaged checkpoint is kept aside, not deleted; the run resumed from 2 and went on.
-    assert glob.glob(os.path.join(workdir, "checkpoints_unreadable", "4-*"))
+    # The run resumed from 2 (not from scratch) and went on.
+    assert "resuming from step 2" in caplog.text
+    assert "initialised a new model" not in caplog.text
+    # The damaged checkpoint is kept aside, not deleted.
+    (aside,) = glob.glob(os.path.join(workdir, "checkpoints_unreadable", "4-*"))
+    for name in damaged:
+        with open(os.path.join(aside, "state", name), "rb") as f:
+            assert f.read() == b"\0garbage", name
     manager = checkpointing.make_manager(workdir, read_only=True)
     assert sorted(manager.all_steps()) == [2, 4, 6]
     state = _restore(workdir, config, 6)
