@@ -62,18 +62,24 @@ def test_mock_cifar10_train_resume_sample(tmp_path):
 
     tags = _event_tags(workdir)
     assert {"loss", "grad_norm", "learning_rate", "param_norm", "loss_q0", "samples"} <= tags
-    grid = Image.open(os.path.join(workdir, "samples", "step_00000004.png"))
-    assert grid.size[0] >= 32 * 4
+    from helpers import read_grid
+
+    # The 16 grid samples as 4 x 4 tiles of 32 x 32 RGB, each a picture (not a constant).
+    tiles = read_grid(os.path.join(workdir, "samples", "step_00000004.png"), 4, 4, 32)
+    assert tiles.shape == (16, 32, 32, 3) and tiles.reshape(16, -1).std(axis=1).min() > 0
 
     main.run("sample", config, workdir)
     (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000006_seed0_*"))
     samples = np.load(os.path.join(out_dir, "samples.npz"))["images"]
     assert samples.shape == (16, 32, 32, 3) and samples.dtype == np.uint8
     assert samples.std() > 10  # not a constant image
-    for name in ("grid.png", "progress.png", "progress.gif"):
-        assert os.path.getsize(os.path.join(out_dir, name)) > 0
-    # T = 20 with x0 kept every 5 steps: a strip of 4 columns per image row.
-    assert Image.open(os.path.join(out_dir, "progress.png")).size[0] > 4 * 32
+    assert os.path.getsize(os.path.join(out_dir, "progress.gif")) > 0
+    np.testing.assert_array_equal(read_grid(os.path.join(out_dir, "grid.png"), 4, 4, 32), samples)
+    # T = 20 with x̂0 kept every 5 steps: a strip of 4 columns for each of the first 8 images, whose
+    # last column (x̂0 at t = 0, the final step's mean) is the sample itself, to a level of rounding.
+    strip = read_grid(os.path.join(out_dir, "progress.png"), 8, 4, 32).reshape(8, 4, 32, 32, 3)
+    assert np.abs(strip[:, -1].astype(int) - samples[:8]).max() <= 1
+    assert np.abs(strip[:, 0].astype(int) - samples[:8]).max() > 10
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -154,10 +160,13 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, uninterrup
         assert run.finish(timeout=300) == 0, run.text()[-3000:]
     finally:
         run.kill()
-    assert "Stopped by SIGTERM" in run.text("stdout")
+    # It saved at the step it stopped at (before the end), the only checkpoint with
+    # checkpoint_every = 100, and the next run resumes from there.
+    (stopped_at,) = [int(line.split(" at step ")[1].split(";")[0])
+                     for line in run.text("stdout").splitlines() if "Stopped by SIGTERM" in line]
+    assert 0 < stopped_at < 12
     manager = checkpointing.make_manager(workdir, read_only=True)
-    stopped_at = manager.latest_step()
-    assert stopped_at is not None and 0 < stopped_at < 12
+    assert list(manager.all_steps()) == [stopped_at]
 
     result = subprocess.run(_cli(workdir, 12, 100), cwd=REPO, capture_output=True, text=True,
                             timeout=600)
@@ -167,6 +176,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, uninterrup
     assert step == 12
     assert _max_diff(resumed.params, uninterrupted.params) <= 1e-6
     assert _max_diff(resumed.ema_params, uninterrupted.ema_params) <= 1e-6
+    assert _max_diff(resumed.opt_state, uninterrupted.opt_state) <= 1e-6
 
 
 def test_kill_9_resumes_from_last_checkpoint(tmp_path, uninterrupted):
