@@ -339,10 +339,15 @@ def test_notebook_cpu_cells_train_and_show_samples(tmp_path):
     (sample_dir,) = (workdir / "samples").glob(f"ancestral_step{steps:08d}_seed0_*")
     assert str(training_grid) in shown
     assert str(sample_dir / "grid.png") in shown
-    for png in (training_grid, sample_dir / "grid.png"):
-        with Image.open(png) as image:
-            assert image.mode == "L" and min(image.size) >= 8 * 4  # 16 digits, grey
+    from helpers import read_grid
+
     with np.load(sample_dir / "samples.npz") as data:
         samples = data["images"]
     assert samples.shape == (num_samples, 8, 8, 1) and samples.dtype == np.uint8
     assert samples.std() > 0
+    # Both grids: 16 grey digits as 4 x 4 tiles of 8 x 8; the sampling grid shows samples.npz.
+    for png in (training_grid, sample_dir / "grid.png"):
+        with Image.open(png) as image:
+            assert image.mode == "L"
+    assert read_grid(training_grid, 4, 4, 8).shape == (16, 8, 8, 1)
+    np.testing.assert_array_equal(read_grid(sample_dir / "grid.png", 4, 4, 8), samples)
