@@ -180,3 +180,22 @@ def test_without_the_vmap_rule_xla_batches_the_kernel_gradient_into_a_grouped_co
     ours = jax.jit(jax.vmap(_kernel_grad(_ours, 1)))
     assert "feature_group_count=4" in ours.lower(x, g).compile().as_text()
     assert _relative(ours(x, g), jax.vmap(_kernel_grad(_native, 1))(x, g)) <= 1e-5
+
+
+def test_benchmark_baseline_switches(capsys):
+    """benchmarks/train_throughput.py --baseline: the A/B switch of the old kernel gradient."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import train_throughput
+
+    assert train_throughput.parse_switches(["conv.PER_SLICE_UNDER_VMAP=False"]) == [
+        (conv, "PER_SLICE_UNDER_VMAP", False)]
+    for bad in ["conv.NO_SUCH_SWITCH=1", "nomodule.X=1", "conv.PER_SLICE_UNDER_VMAP=maybe"]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_throughput.parse_switches([bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and bad in err
+        assert "is not MODULE.ATTR=VALUE of an existing ddpm_jax attribute" in err
