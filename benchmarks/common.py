@@ -292,6 +292,8 @@ def profile_ops(run: Callable[[], Any], log_dir: str, hlo_text: str, top: int = 
     import jax
 
     os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "hlo.txt"), "w") as f:  # the op names of the trace
+        f.write(hlo_text)
     jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
     start = time.perf_counter()
     run()

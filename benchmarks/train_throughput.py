@@ -8,6 +8,10 @@ in the same run, interleaved call by call, and a ratio line is printed.
 
     python benchmarks/train_throughput.py --config cifar10 --per_device_batch 16 --steps_per_call 2 --torch
     python benchmarks/train_throughput.py --config digits --per_device_batch 64 --steps_per_call 50 --torch
+
+`--baseline conv.PER_SLICE_UNDER_VMAP=False` (repeatable, `module.ATTR=VALUE` of `ddpm_jax`)
+also builds the step with those switches set and times it interleaved with the others
+(`impl: jax_baseline`), so that old and new are compared under the same load.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +34,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps_per_call", type=int, default=2,
                         help="optimizer steps per call (the config's value is for TPUs; a CIFAR "
                              "step takes seconds on 2 CPU cores)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="MODULE.ATTR=VALUE",
+                        help="also time the step built with ddpm_jax.MODULE.ATTR = VALUE, e.g. "
+                             "conv.PER_SLICE_UNDER_VMAP=False (repeatable)")
     return parser.parse_args(argv)
+
+
+def parse_switches(items: list[str]) -> list[tuple[Any, str, Any]]:
+    """`module.ATTR=VALUE` items → (ddpm_jax module, attribute, value); exit 2 on a bad one."""
+    import ast
+    import importlib
+
+    switches = []
+    for item in items:
+        key, _, raw = item.partition("=")
+        module_name, _, attr = key.rpartition(".")
+        try:
+            module = importlib.import_module(f"ddpm_jax.{module_name}")
+            value = ast.literal_eval(raw)
+        except (ImportError, ValueError, SyntaxError):
+            module = value = None
+        if module is None or not hasattr(module, attr):
+            print(f"error: --baseline {item!r} is not MODULE.ATTR=VALUE of an existing ddpm_jax "
+                  "attribute and a Python literal; e.g. --baseline "
+                  "conv.PER_SLICE_UNDER_VMAP=False", file=sys.stderr)
+            raise SystemExit(2)
+        switches.append((module, attr, value))
+    return switches
+
+
+def build_with(switches: list[tuple[Any, str, Any]], *args):
+    """`build(*args)` with the module attributes `switches` set while it traces."""
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in switches]
+    try:
+        for module, attr, value in switches:
+            setattr(module, attr, value)
+        return build(*args)
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
 
 
 def build(config, devices: int, per_device_batch: int, steps_per_call: int):
@@ -67,6 +110,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     config = common.load_config(args.config, args.set)
+    switches = parse_switches(args.baseline)
     compiled, state, batch, compile_s = build(config, args.devices, args.per_device_batch,
                                               args.steps_per_call)
     global_batch = config.training.batch_size
@@ -83,6 +127,21 @@ def main(argv=None) -> None:
     metrics = run_jax()  # first execution: allocations, thread-pool start-up
     first_call_s = time.perf_counter() - start
     runners = {"jax": run_jax}
+    if args.baseline:
+        import copy
+
+        base_compiled, base_state, base_batch, base_compile_s = build_with(
+            switches, copy.deepcopy(config), args.devices, args.per_device_batch,
+            args.steps_per_call)
+        base_holder = {"state": base_state}
+
+        def run_baseline():
+            base_holder["state"], out = base_compiled(base_holder["state"], *base_batch)
+            jax.block_until_ready((base_holder["state"], out))
+            return out
+
+        run_baseline()
+        runners["jax_baseline"] = run_baseline
     trainer = None
     if args.torch:
         import torch_reference
@@ -110,6 +169,12 @@ def main(argv=None) -> None:
                  "loss_last": float(metrics["loss"][-1]),
                  "xla_memory": common.xla_memory(compiled),
                  "peak_rss_bytes": common.peak_rss_bytes(), **common.machine_info()})
+    if args.baseline:
+        base_time = timings["jax_baseline"]["median_s"] / k
+        common.emit({**base, "impl": "jax_baseline", "baseline": args.baseline,
+                     **timings["jax_baseline"], "compile_s": base_compile_s,
+                     "s_per_step": base_time, "images_per_s": global_batch / base_time})
+        common.emit({**base, "impl": "ratio", "baseline_over_jax_s_per_step": base_time / jax_time})
     if trainer is not None:
         import torch
 
@@ -122,6 +187,9 @@ def main(argv=None) -> None:
     if args.profile:
         common.emit({**base, "impl": "jax", "profile": common.profile_ops(
             run_jax, args.profile, compiled.as_text())})
+        if args.baseline:
+            common.emit({**base, "impl": "jax_baseline", "profile": common.profile_ops(
+                run_baseline, os.path.join(args.profile, "baseline"), base_compiled.as_text())})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ is instead one matmul of the 9 shifted windows of x (im2col, [B·Ho·Wo, k²·i]
 ([B·Ho·Wo, o]): the canonical convolution then has only i = 1-3 "images" and runs at a third
 of the matmul's rate, and the shifted copies are cheap at 1-3 channels. At 32-256 channels the
 canonical convolution stays fastest (benchmarks/README.md: the formulations measured per shape).
+
+Under `vmap` (the clipping groups of `ddpm_jax/gradients.py`: 4 groups of 16 per device at
+batch 64) x and g of the kernel gradient are both batched, and XLA would turn the canonical
+convolution into one with `feature_group_count` = groups, which XLA:CPU runs 4-7x slower than
+the same convolutions one group at a time (56 % of the learner step's op time before). A
+`custom_vmap` rule gives every vmapped slice its own product instead (`PER_SLICE_UNDER_VMAP`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ KERNEL_GRAD = "auto"
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Layers with at most this many input channels take the im2col kernel gradient.
 IM2COL_MAX_IN = 3
+# Under vmap, up to this many slices get a kernel-gradient product each in the program; more
+# are looped over (lax.map), which keeps the program small at some cost in speed.
+MAX_UNROLLED_SLICES = 16
+# False: let XLA batch the kernel gradient under vmap (the grouped convolution; for A/B runs).
+PER_SLICE_UNDER_VMAP = True
 
 
 def _use_explicit() -> bool:
@@ -75,11 +86,38 @@ def _backward(strides, padding, precision, residuals, g):
                                       lhs_dilation=strides, dimension_numbers=_NHWC,
                                       precision=precision).astype(x.dtype)
     with jax.named_scope("conv_kernel_gradient"):
-        if x.shape[3] <= IM2COL_MAX_IN and min(min(p) for p in padding) >= 0:
-            dw = _kernel_grad_im2col(x, g, (kh, kw), strides, padding, precision)
-        else:
-            dw = _kernel_grad_canonical(x, g, (kh, kw), strides, padding, precision)
+        dw = _kernel_grad((kh, kw), strides, padding, precision)(x, g)
     return dx, dw.astype(w.dtype)
+
+
+def _kernel_grad(window, strides, padding, precision):
+    """The kernel gradient `(x, g) -> dW`, one formulation per unbatched slice under `vmap`.
+
+    Why: the clipping groups (`ddpm_jax/gradients.py`) vmap the gradient over the groups of a
+    device's shard, with x and g batched. XLA batches the canonical convolution into one with
+    `feature_group_count` = groups, which XLA:CPU (YNNPACK) runs 4-7x slower than the same
+    convolutions one group at a time (benchmarks/README.md, "Learner shapes"), so under `vmap`
+    each slice gets its own kernel-gradient product.
+    """
+    def unbatched(x, g):
+        if x.shape[3] <= IM2COL_MAX_IN and min(min(p) for p in padding) >= 0:
+            return _kernel_grad_im2col(x, g, window, strides, padding, precision)
+        return _kernel_grad_canonical(x, g, window, strides, padding, precision)
+
+    if not PER_SLICE_UNDER_VMAP:
+        return unbatched
+    kernel_grad = jax.custom_batching.custom_vmap(unbatched)
+
+    @kernel_grad.def_vmap
+    def _per_slice(axis_size, in_batched, x, g):
+        x_batched, g_batched = in_batched
+        one = lambda j: kernel_grad(x[j] if x_batched else x, g[j] if g_batched else g)
+        # `kernel_grad` again, so that an enclosing vmap applies this rule once more.
+        if axis_size <= MAX_UNROLLED_SLICES:
+            return jnp.stack([one(j) for j in range(axis_size)]), True
+        return lax.map(one, jnp.arange(axis_size)), True
+
+    return kernel_grad
 
 
 def _kernel_grad_canonical(x, g, window, strides, padding, precision):

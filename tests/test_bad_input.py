@@ -279,6 +279,8 @@ ROWS_TESTED_ELSEWHERE = [
      "test_workdir.py"),
     ("a second training on one workdir", "is in use by another training", "test_workdir.py"),
     ("a second evaluation on one workdir", "is in use by another {what}", "test_workdir.py"),
+    ("benchmark switch that does not exist",
+     "is not MODULE.ATTR=VALUE of an existing ddpm_jax attribute", "test_conv_formulations.py"),
 ]
 
 
