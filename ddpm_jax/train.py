@@ -128,7 +128,8 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
 
     writer = _make_writer(workdir)
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+        writer.write_hparams({key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                              for key, value in checkpointing.flatten_config(config).items()})
     seed_key = jax.random.key(config.seed)
 
     stop = _StopSignal().install()
@@ -184,7 +185,7 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
                 logging.info("step %d/%d loss %.5f grad_norm %.3f lr %.3g%s | %.2f steps/s%s | "
                              "ETA %s", step, tc.num_steps, summary["loss"], summary["grad_norm"],
                              summary["learning_rate"], skipped_note, summary["steps_per_sec"],
-                             utilisation.describe(summary), _format_seconds(clock.eta(step)))
+                             utilisation.describe(summary), utilisation.format_seconds(clock.eta(step)))
             streak = int(state.nonfinite_streak)
             if streak >= tc.max_nonfinite:
                 checkpointing.wait_until_finished(manager)
@@ -377,23 +378,3 @@ def events_left(step: int, num_steps: int, every: int) -> int:
 
 _global_norm = jax.jit(optim.global_norm)
 
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def _flat_config(config) -> dict:
-    flat = {}
-
-    def visit(prefix, node):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if hasattr(value, "items"):
-                visit(name + ".", value)
-            else:
-                flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    visit("", config)
-    return flat

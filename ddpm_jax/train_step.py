@@ -23,6 +23,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ddpm_jax import diffusion, gradients, models, optim, unet
+from ddpm_jax import images as images_lib
 from ddpm_jax.parallel import DATA_AXIS, replicated
 
 NUM_QUARTILES = 4
@@ -86,11 +87,6 @@ def abstract_train_state(config) -> tuple[nnx.GraphDef, TrainState]:
         return init_train_state(config, graphdef, params)
 
     return graphdef, jax.eval_shape(init)
-
-
-def scale_images(images_uint8: jax.Array) -> jax.Array:
-    """uint8 0..255 → float32 in [−1, 1] (`normalize_data`: x/127.5 − 1)."""
-    return images_uint8.astype(jnp.float32) / 127.5 - 1.0
 
 
 def per_example_randomness(step_key: jax.Array, first_index: jax.Array, batch: int,
@@ -192,7 +188,7 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
         step_key = jax.random.fold_in(seed_key, state.step)
         t, noise, flip = per_example_randomness(
             step_key, device * local_batch, local_batch, images.shape[1:], num_timesteps)
-        x_start = scale_images(images)
+        x_start = images_lib.to_model_range(images)
         if config.data.random_flip:
             x_start = random_flip(x_start, flip)
         if unet.is_conditional(num_classes) and class_dropout > 0:

@@ -185,8 +185,6 @@ RULES: dict[str, Rule] = {
     "eval.bpd_batch_size": COUNT,
     "eval.bpd_num_images": Rule(int, 0, note="0 = all"),
     "eval.bpd_clip_denoised": BOOL,
-    "eval.every": EVERY,
-    "eval.num_samples_during_training": COUNT,
 }
 
 

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from ddpm_jax import optim, parallel, train_step
+from ddpm_jax import images as images_lib
 from helpers import tiny_config
 
 
@@ -71,7 +72,7 @@ def test_per_device_clipping_equals_clipping_each_shard_then_averaging(clipping_
         t, noise, flip = train_step.per_example_randomness(
             step_key, jnp.int32(shard * per_shard), per_shard, images.shape[2:],
             config.diffusion.num_timesteps)
-        x = train_step.random_flip(train_step.scale_images(jnp.asarray(images[0, rows])), flip)
+        x = train_step.random_flip(images_lib.to_model_range(jnp.asarray(images[0, rows])), flip)
         grads = jax.grad(lambda p: loss_fn(p, x, None, t, noise, None)[0])(initial.params)
         norm = optax.global_norm(grads)
         assert float(norm) > 0.05  # the clip is active for every shard
