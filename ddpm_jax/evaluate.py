@@ -48,7 +48,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from ddpm_jax import diffusion, files, metrics, parallel
 from ddpm_jax import images as images_lib
-from ddpm_jax import utilisation
+from ddpm_jax import utilisation, validate
 from ddpm_jax.parallel import DATA_AXIS
 
 Params = Any
@@ -462,20 +462,6 @@ def bpd_splits(config) -> list[tuple[str, str, int]]:
 # --mode=eval.
 
 
-def validate_config(config, mesh: Mesh) -> None:
-    ec = config.eval
-    if ec.num_samples:
-        parallel.check_batch_divisible(ec.batch_size, mesh, "eval.batch_size")
-        if ec.num_samples < max(ec.is_splits, 2):
-            raise ValueError(f"eval.num_samples={ec.num_samples} is too few for "
-                             f"eval.is_splits={ec.is_splits}; raise --config.eval.num_samples.")
-    if ec.bpd:
-        parallel.check_batch_divisible(ec.bpd_batch_size, mesh, "eval.bpd_batch_size")
-    if not ec.num_samples and not ec.bpd:
-        raise ValueError("nothing to evaluate: eval.num_samples=0 and eval.bpd=False; set "
-                         "--config.eval.num_samples or --config.eval.bpd=True.")
-
-
 def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str, step: int,
                  out_dir: str) -> dict[str, Any]:
     from ddpm_jax import models
@@ -512,7 +498,8 @@ def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
 
     ec = config.eval
     mesh = parallel.make_mesh()
-    validate_config(config, mesh)
+    validate.check_batches(config, "eval", mesh)
+    validate.check_eval_counts(config.eval)
     graphdef, ema_params, step = sampling.load_ema_params(config, workdir, mesh, checkpoint)
     eval_dir = os.path.join(workdir, "eval")
     out_dir = os.path.join(eval_dir, str(step))

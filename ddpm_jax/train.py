@@ -33,16 +33,6 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
-def validate_config(config, mesh) -> None:
-    tc = config.training
-    parallel.check_batch_divisible(tc.batch_size, mesh, "training.batch_size")
-    if tc.steps_per_call < 1:
-        raise ValueError(f"training.steps_per_call={tc.steps_per_call} must be ≥ 1.")
-    if tc.batch_size % jax.process_count():
-        raise ValueError(f"training.batch_size={tc.batch_size} must divide over "
-                         f"{jax.process_count()} processes.")
-
-
 def make_batches(config, dataset, start_step: int, steps_per_call: int):
     tc = config.training
     if config.data.in_memory:
@@ -90,7 +80,7 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
     tc = config.training
     mesh = parallel.make_mesh()
     parallel.log_layout(mesh)
-    validate_config(config, mesh)
+    validate.check_training_run(config, mesh)
 
     dataset = input_pipeline.load_dataset(config.data) if config.data.in_memory else None
     if dataset is not None:

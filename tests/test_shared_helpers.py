@@ -121,3 +121,31 @@ def test_one_npz_loader_for_the_tasks_and_fid_stats(tmp_path):
             with pytest.raises(ValueError) as raised:
                 fid_stats._image_source(tmp_path / name, 10)
             assert str(raised.value) == f"{prefix}{path}{tail}"
+
+
+# ------------------------------------------------------------------ config rules in validate.py
+
+
+def test_validate_owns_the_rules_the_modes_checked_themselves():
+    from configs import default
+    from ddpm_jax import validate
+
+    mesh = parallel.make_mesh()
+    config = default.get_config()
+    config.eval.num_samples, config.eval.bpd = 0, False  # was evaluate.validate_config's
+    with pytest.raises(ValueError, match=r"^nothing to evaluate: eval.num_samples=0 and "):
+        validate.validate(config, "eval", mesh)
+    config.eval.num_samples, config.eval.is_splits = 8, 10
+    with pytest.raises(ValueError, match=r"^eval.num_samples=8 is too few for eval.is_splits=10"):
+        validate.validate(config, "eval", mesh)
+
+    config = default.get_config()  # was make_device_step's
+    config.data.name, config.model.num_classes, config.model.class_dropout = "digits", 10, 1.0
+    with pytest.raises(ValueError, match=r"^model.class_dropout=1.0 must be in \[0, 1\) for a "
+                                         r"conditional model"):
+        validate.validate(config, "train", mesh)
+    config.model.num_classes = 0  # unconditional: the label dropout is not used
+    validate.validate(config, "train", mesh)
+    config.training.steps_per_call = 0  # was train.validate_config's
+    with pytest.raises(ValueError, match=r"^training.steps_per_call=0 must be ≥ 1; set "):
+        validate.check_training_run(config, mesh)
