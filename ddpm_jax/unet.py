@@ -31,6 +31,8 @@ from flax import nnx
 from ddpm_jax import conv
 
 NUM_GROUPS = 32
+# `dtype` (model.dtype) names: the compute dtypes of convolutions and dense layers.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 GROUP_NORM_EPS = 1e-6
 # The original `default_init(scale=0.)` uses this scale instead of exact zeros.
 ZERO_INIT_SCALE = 1e-10

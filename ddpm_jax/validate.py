@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.timestep_spacing": solvers.SPACINGS,
     "training.grid_method": ("sample",) + samplers.METHODS,
     "sample.ddim_skip": ("uniform", "quad"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": unet.COMPUTE_DTYPES,
 }
 
 BUILT_IN_DATASETS = ("digits", "imagefolder")
