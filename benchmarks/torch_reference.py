@@ -31,29 +31,11 @@ import common  # noqa: E402
 
 def diffusers_unet_config(config) -> dict[str, Any]:
     """`UNet2DModel` kwargs computing our UNet of `config` (for CIFAR10: google/ddpm-cifar10-32)."""
-    m = config.model
-    resolutions = [config.data.image_size // 2 ** i for i in range(len(m.ch_mult))]
-    with_attention = [r in tuple(m.attn_resolutions) for r in resolutions]
-    out_channels = config.data.channels * (2 if config.diffusion.var_type.startswith("learned") else 1)
-    return dict(
-        sample_size=config.data.image_size,
-        in_channels=config.data.channels,
-        out_channels=out_channels,
-        block_out_channels=tuple(m.ch * mult for mult in m.ch_mult),
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in with_attention),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(with_attention)),
-        layers_per_block=m.num_res_blocks,
-        norm_eps=1e-6,
-        norm_num_groups=32,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        attention_head_dim=None,
-        act_fn="silu",
-        time_embedding_type="positional",
-        center_input_sample=False,
-        dropout=m.dropout,
-    )
+    from flax import nnx
+
+    from ddpm_jax import convert, models
+
+    return convert.diffusers_unet_config(nnx.eval_shape(lambda: models.create_model(config)))
 
 
 def _alphas_cumprod(config):

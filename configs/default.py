@@ -119,6 +119,4 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.bpd_batch_size = 256  # global; drop_remainder like the original
     evaluation.bpd_num_images = 0  # per split; 0 = all (rounded down to whole batches)
     evaluation.bpd_clip_denoised = True  # like the original's calc_bpd_loop
-    evaluation.every = 0  # training-time eval every K steps on few samples; 0 = off
-    evaluation.num_samples_during_training = 2048
     return config

@@ -207,12 +207,14 @@ def write_error(manager: ocp.CheckpointManager, step: int | None,
         f"--workdir elsewhere; {kept}.")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"model.ch": 128, ...}` from a nested config (a ConfigDict or its JSON dicts): one dotted
+    key per leaf, values as they are."""
     out = {}
-    for key, value in d.items():
+    for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+        if hasattr(value, "items"):
+            out.update(flatten_config(value, name + "."))
         else:
             out[name] = value
     return out
@@ -224,8 +226,8 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 
 def _differences(saved: dict, config) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, current value) for every flattened config entry that differs."""
-    now = _flatten(json.loads(config.to_json_best_effort()))
-    before = _flatten(saved)
+    now = flatten_config(json.loads(config.to_json_best_effort()))
+    before = flatten_config(saved)
     defaults = _default_config()
     differ = []
     for key in sorted(set(now) | set(before)):
@@ -246,7 +248,7 @@ def _same(a: Any, b: Any) -> bool:
 def _default_config() -> dict[str, Any]:
     from configs import default
 
-    return _flatten(json.loads(default.get_config().to_json_best_effort()))
+    return flatten_config(json.loads(default.get_config().to_json_best_effort()))
 
 
 def config_mismatches(saved: dict, config) -> list[str]:

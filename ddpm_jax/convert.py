@@ -181,36 +181,57 @@ def _expected_block_types(model: UNet) -> tuple[list[str], list[str]]:
     return down, up
 
 
+# Keys whose diffusers default differs from the original model: a config must state them.
+_REQUIRED_DIFFUSERS_KEYS = ("flip_sin_to_cos", "freq_shift", "downsample_padding", "norm_eps")
+
+
+def diffusers_unet_config(model: UNet) -> dict[str, Any]:
+    """`UNet2DModel(**kwargs)` kwargs for a diffusers UNet computing the same function as `model`
+    (which may be an `nnx.eval_shape` model); for configs/cifar10.py those of
+    google/ddpm-cifar10-32. `dropout` is the model's, for training the diffusers copy."""
+    if model.num_classes > 1:
+        raise ValueError("a class-conditional UNet has no diffusers UNet2DModel equivalent")
+    down_types, up_types = _expected_block_types(model)
+    return dict(
+        sample_size=model.resolution,
+        in_channels=model.in_ch,
+        out_channels=model.out_ch,
+        block_out_channels=tuple(model.ch * m for m in model.ch_mult),
+        down_block_types=tuple(down_types),
+        up_block_types=tuple(up_types),
+        layers_per_block=model.num_res_blocks,
+        norm_eps=1e-6,
+        norm_num_groups=32,
+        downsample_padding=0,  # TF SAME (0, 1) padding, not symmetric 1
+        flip_sin_to_cos=False,  # sin first
+        freq_shift=1,  # divisor half - 1
+        attention_head_dim=None,  # single-head attention over all channels
+        act_fn="silu",
+        time_embedding_type="positional",
+        center_input_sample=False,
+        dropout=model.dropout,
+    )
+
+
 def check_diffusers_config(config: Mapping[str, Any], model: UNet) -> None:
     """Raise ValueError unless a diffusers `UNet2DModel` config computes the same function as `model`.
 
     Keys whose diffusers default differs from the original model (flip_sin_to_cos, freq_shift,
-    downsample_padding, norm_eps, attention_head_dim) must be present; others are checked if present.
+    downsample_padding, norm_eps, attention_head_dim) must be present; others are checked if
+    present. `dropout` is not checked: it does not change the function at inference.
     """
-    down_types, up_types = _expected_block_types(model)
-    required = {
-        "flip_sin_to_cos": False,  # sin first
-        "freq_shift": 1,  # divisor half - 1
-        "downsample_padding": 0,  # TF SAME (0, 1) padding, not symmetric 1
-        "norm_eps": 1e-6,
-    }
+    built = diffusers_unet_config(model)
+    expected_values = {key: list(value) if isinstance(value, tuple) else value
+                       for key, value in built.items()
+                       if key not in ("attention_head_dim", "dropout")}
+    required = {key: expected_values.pop(key) for key in _REQUIRED_DIFFUSERS_KEYS}
     optional = {
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "time_embedding_type": "positional",
-        "center_input_sample": False,
+        **expected_values,
         "resnet_time_scale_shift": "default",
         "mid_block_scale_factor": 1,
         "add_attention": True,
         "class_embed_type": None,
         "num_class_embeds": None,
-        "in_channels": model.in_ch,
-        "out_channels": model.out_ch,
-        "sample_size": model.resolution,
-        "layers_per_block": model.num_res_blocks,
-        "block_out_channels": [model.ch * m for m in model.ch_mult],
-        "down_block_types": down_types,
-        "up_block_types": up_types,
     }
     for key, expected in required.items():
         if key not in config:

@@ -47,6 +47,8 @@ from absl import logging
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ddpm_jax import diffusion, files, metrics, parallel
+from ddpm_jax import images as images_lib
+from ddpm_jax import utilisation, validate
 from ddpm_jax.parallel import DATA_AXIS
 
 Params = Any
@@ -71,12 +73,6 @@ def _same_on_all_processes(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def _format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 class _Progress:
     """Logs `what: done/total (rate/s, ETA)` lines, counting only the work done in this run."""
 
@@ -87,7 +83,7 @@ class _Progress:
     def __call__(self, done: int) -> None:
         rate = (done - self.start_done) / max(time.time() - self.start_time, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        eta_text = _format_seconds(eta) if math.isfinite(eta) else "?"
+        eta_text = utilisation.format_seconds(eta) if math.isfinite(eta) else "?"
         logging.info("%s: %d/%d %s (%.2f %s/s, ETA %s)", self.what, done, self.total, self.unit,
                      rate, self.unit, eta_text)
 
@@ -108,9 +104,7 @@ def inception_input(images: np.ndarray, *, quantize: bool = True) -> np.ndarray:
     if images.dtype == np.uint8:
         pixels = images.astype(np.float32)
     else:
-        pixels = (np.clip(images.astype(np.float32), -1.0, 1.0) + 1.0) * np.float32(127.5)
-        if quantize:
-            pixels = np.clip(np.round(pixels), 0, 255)
+        pixels = images_lib.to_pixel_values(images, quantize=quantize)
     if pixels.shape[-1] == 1:
         pixels = np.repeat(pixels, 3, axis=-1)
     if pixels.ndim != 4 or pixels.shape[-1] != 3:
@@ -390,11 +384,6 @@ def make_bpd_fn(denoise: DenoiseWithParams, schedule: diffusion.Schedule, mesh: 
                                  out_specs=P(DATA_AXIS)))
 
 
-def scale_to_model_range(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 0..255 → float32 in [-1, 1] (the original's `normalize_data`: x/127.5 − 1)."""
-    return np.asarray(images_uint8, np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
 def bpd_batch_path(out_dir: str, split: str, batch: int) -> str:
     return os.path.join(out_dir, f"bpd_{_slug(split)}", f"batch_{batch:05d}.npz")
 
@@ -426,7 +415,7 @@ def evaluate_bpd(bpd_fn: Callable, params: Params, images_uint8: np.ndarray, bat
                 result = {name: data[name] for name in data.files}
         else:
             rows = images_uint8[batch * batch_size:(batch + 1) * batch_size]
-            local = scale_to_model_range(rows[parallel.host_batch_slice(batch_size)])
+            local = images_lib.to_model_range(rows[parallel.host_batch_slice(batch_size)])
             out = bpd_fn(params, parallel.to_global_array(local, mesh),
                          jax.random.fold_in(key, batch))
             out = {name: to_host(value).astype(np.float64) for name, value in out.items()}
@@ -473,20 +462,6 @@ def bpd_splits(config) -> list[tuple[str, str, int]]:
 # --mode=eval.
 
 
-def validate_config(config, mesh: Mesh) -> None:
-    ec = config.eval
-    if ec.num_samples:
-        parallel.check_batch_divisible(ec.batch_size, mesh, "eval.batch_size")
-        if ec.num_samples < max(ec.is_splits, 2):
-            raise ValueError(f"eval.num_samples={ec.num_samples} is too few for "
-                             f"eval.is_splits={ec.is_splits}; raise --config.eval.num_samples.")
-    if ec.bpd:
-        parallel.check_batch_divisible(ec.bpd_batch_size, mesh, "eval.bpd_batch_size")
-    if not ec.num_samples and not ec.bpd:
-        raise ValueError("nothing to evaluate: eval.num_samples=0 and eval.bpd=False; set "
-                         "--config.eval.num_samples or --config.eval.bpd=True.")
-
-
 def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str, step: int,
                  out_dir: str) -> dict[str, Any]:
     from ddpm_jax import models
@@ -523,7 +498,8 @@ def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
 
     ec = config.eval
     mesh = parallel.make_mesh()
-    validate_config(config, mesh)
+    validate.check_batches(config, "eval", mesh)
+    validate.check_eval_counts(config.eval)
     graphdef, ema_params, step = sampling.load_ema_params(config, workdir, mesh, checkpoint)
     eval_dir = os.path.join(workdir, "eval")
     out_dir = os.path.join(eval_dir, str(step))

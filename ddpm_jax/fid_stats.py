@@ -4,8 +4,10 @@ Usage:
   python -m ddpm_jax.fid_stats --images DIR_OR_NPZ --out stats.npz \
       [--inception_weights PATH] [--batch_size 200] [--overwrite]
 
-A folder is searched recursively for .png/.jpg/.jpeg files (converted to RGB). An npz must hold
-uint8 NHWC images under the key `images` (or as its first array). The output is written by
+A folder is listed like `data.folder` (`input_pipeline.list_image_files`: recursive, its image
+suffixes in any case, hidden files skipped, each file once) and each file read as RGB by
+`input_pipeline.read_image`. An npz must hold uint8 NHWC images under the key `images` (or as
+its first array; `input_pipeline.load_npz_images`). The output is written by
 `metrics.save_stats` (keys mu, sigma, num_images, meta) and is never overwritten without
 `--overwrite`. A mistake (a missing flag or path, input that is not images, an output that
 cannot be written) is one `error: ...` line on stderr, exit status 2, and nothing written.
@@ -23,31 +25,17 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from absl import flags
 
-from ddpm_jax import cli
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+from ddpm_jax import cli, input_pipeline
 
 
 class FidStatsError(Exception):
     """A user-facing input problem, reported as one line by the CLI."""
 
 
-def list_image_files(folder: str | Path) -> list[Path]:
-    """All PNG/JPEG files under `folder` (recursive), sorted by path."""
-    return sorted(
-        path
-        for path in Path(folder).rglob("*")
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: str) -> np.ndarray:
     """One image file as uint8 RGB [H, W, 3]."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return input_pipeline.read_image(path, 3)
     except Exception as error:
         raise FidStatsError(f"cannot read image {path}: {error}") from error
 
@@ -61,61 +49,10 @@ def _same_shape_runs(images: list[np.ndarray]) -> Iterator[np.ndarray]:
             start = end
 
 
-def folder_batches(files: Sequence[Path], batch_size: int) -> Iterator[np.ndarray]:
+def folder_batches(files: Sequence[str], batch_size: int) -> Iterator[np.ndarray]:
     """uint8 [n <= batch_size, H, W, 3] batches of the given files, in order."""
     for start in range(0, len(files), batch_size):
         yield from _same_shape_runs([read_image(path) for path in files[start : start + batch_size]])
-
-
-def load_npz_images(path: str | Path) -> np.ndarray:
-    """uint8 NHWC images from an npz (key `images`, else its first array); gray -> RGB."""
-    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and say so
-        raise FidStatsError(f"--images={path} is neither a folder nor an npz file (np.savez's "
-                            "zip of arrays); pass a folder of images or an npz of uint8 images")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not data.files:
-                raise FidStatsError(f"{path} holds no arrays")
-            key = "images" if "images" in data.files else data.files[0]
-            images = data[key]
-    except FidStatsError:
-        raise
-    except Exception as error:
-        raise FidStatsError(f"cannot read {path} as an npz of images: {error}") from error
-    if images.dtype != np.uint8:
-        raise FidStatsError(f"{path}['{key}'] has dtype {images.dtype}, expected uint8 images")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise FidStatsError(f"{path}['{key}'] has shape {images.shape}, expected NHWC with 1 or 3 channels")
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    return images
-
-
-def batched_inception_outputs(
-    params,
-    batches: Iterable[np.ndarray],
-    batch_size: int,
-    keys: Sequence[str] = ("pool",),
-) -> Iterator[dict[str, np.ndarray]]:
-    """Run the jitted Inception over image batches; yields host float arrays per batch.
-
-    Batches smaller than `batch_size` are zero-padded (and the padding dropped from the output)
-    so each image size compiles once.
-    """
-    import jax
-
-    from ddpm_jax.inception import inception_apply
-
-    apply = jax.jit(inception_apply)
-    for batch in batches:
-        count = batch.shape[0]
-        if count < batch_size:
-            padding = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
-            batch = np.concatenate([batch, padding])
-        outputs = apply(params, batch)
-        yield {key: np.asarray(outputs[key])[:count] for key in keys}
 
 
 def compute_stats(
@@ -125,14 +62,21 @@ def compute_stats(
     total: int | None = None,
     log_every: int = 10,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mu, unbiased sigma, count) of the 2048-d pool features of all images in `batches`."""
+    """(mu, unbiased sigma, count) of the 2048-d pool features of all images in `batches`.
+
+    Each batch runs over all local devices, padded to `batch_size` rounded up to a multiple of
+    their count (so each image size compiles once)."""
+    from ddpm_jax import evaluate, parallel
     from ddpm_jax.inception import NUM_FEATURES
     from ddpm_jax.metrics import FeatureStatsAccumulator
 
+    mesh = parallel.make_mesh()
+    padded = -(-batch_size // mesh.devices.size) * mesh.devices.size
     accumulator = FeatureStatsAccumulator(NUM_FEATURES)
     start = time.time()
-    for index, outputs in enumerate(batched_inception_outputs(params, batches, batch_size), 1):
-        accumulator.update(outputs["pool"])
+    for index, batch in enumerate(batches, 1):
+        pixels = evaluate.inception_input(batch)
+        accumulator.update(evaluate.inception_outputs(params, pixels, padded, mesh, ("pool",))["pool"])
         if log_every and index % log_every == 0:
             rate = accumulator.count / max(time.time() - start, 1e-9)
             of_total = f"/{total}" if total else ""
@@ -145,12 +89,17 @@ def compute_stats(
 
 def _image_source(images: Path, batch_size: int) -> tuple[Iterable[np.ndarray], int]:
     if images.is_dir():
-        files = list_image_files(images)
+        files = input_pipeline.list_image_files(str(images))
         if not files:
-            raise FidStatsError(f"no .png/.jpg/.jpeg images found under {images}")
+            raise FidStatsError(f"no {'/'.join(input_pipeline.IMAGE_SUFFIXES)} images found "
+                                f"under {images}")
         return folder_batches(files, batch_size), len(files)
     if images.is_file():
-        array = load_npz_images(images)
+        if not zipfile.is_zipfile(images):  # np.load would try it as a pickle and say so
+            raise FidStatsError(f"--images={images} is neither a folder nor an npz file "
+                                "(np.savez's zip of arrays); pass a folder of images or an npz "
+                                "of uint8 images")
+        array = input_pipeline.load_npz_images(str(images), str(images))
         if array.shape[0] == 0:
             raise FidStatsError(f"{images} holds no images")
         batches = (array[i : i + batch_size] for i in range(0, array.shape[0], batch_size))

@@ -9,9 +9,26 @@ import numpy as np
 from ddpm_jax.files import atomic_write
 
 
+def to_model_range(images_uint8):
+    """uint8 0..255 → float32 in [-1, 1]: x / 127.5 − 1, the original's `normalize_data`
+    (docs/original.md §3.2). NumPy in, NumPy out; a jax array (inside the train step) stays one."""
+    return images_uint8.astype(np.float32) / 127.5 - 1.0
+
+
+def to_pixel_values(images: np.ndarray, *, quantize: bool = True) -> np.ndarray:
+    """[-1, 1] floats → float32 in [0, 255]: clipped to [-1, 1], then (x+1)·127.5.
+
+    `quantize` rounds to the 256 uint8 levels (half to even), the values of `to_uint8`;
+    without it the floats stay as the original's Inception input has them (docs/original.md
+    §5.1, docs/deviations.md D20/D21).
+    """
+    pixels = (np.clip(np.asarray(images, np.float32), -1.0, 1.0) + 1.0) * np.float32(127.5)
+    return np.round(pixels) if quantize else pixels
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats → uint8 by rounding (x+1)·127.5, clipped to 0..255."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return to_pixel_values(images, quantize=True).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2,

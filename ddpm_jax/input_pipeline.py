@@ -91,16 +91,14 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_image_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
-    """Every real image file below `folder` once, with labels from the first-level subfolder
-    (sorted). Symbolic links are followed, but each real directory is walked once (a link to an
-    ancestor would loop) and a file reached by several paths (links, links to outside the
-    tree) counts once: under its own path when it lies in the tree, else under its first
-    path in sorted order. Hidden files and folders are
-    skipped; suffixes match in any case (.PNG, .JPG)."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"data.folder={folder!r} is not a directory; "
-                         "set --config.data.folder to a folder of PNG/JPEG images.")
+def list_image_files(folder: str) -> list[str]:
+    """Every real image file below `folder` once, sorted by path (empty if there is none).
+
+    Suffixes are IMAGE_SUFFIXES in any case (.PNG, .JPG). Hidden files and folders are skipped.
+    Symbolic links are followed, but each real directory is walked once (a link to an ancestor
+    would loop) and a file reached by several paths (links, links to outside the tree) counts
+    once: under its own path when it lies in the tree, else under its first path in sorted
+    order."""
     candidates: list[str] = []
     walked: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -126,6 +124,15 @@ def list_image_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
     if len(paths) < len(candidates):
         logging.info("image folder %s: %d paths lead to files already listed (links); each "
                      "file is used once", folder, len(candidates) - len(paths))
+    return paths
+
+
+def list_image_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
+    """`list_image_files(folder)`, with labels from the first-level subfolder (sorted)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"data.folder={folder!r} is not a directory; "
+                         "set --config.data.folder to a folder of PNG/JPEG images.")
+    paths = list_image_files(folder)
     if not paths:
         raise ValueError(f"data.folder={folder!r} has no images ({', '.join(IMAGE_SUFFIXES)}); "
                          "point --config.data.folder at a folder that has some.")
@@ -175,6 +182,34 @@ def read_image(path: str, channels: int) -> np.ndarray:
         pil = Image.alpha_composite(white, rgba)
     image = np.asarray(pil.convert("L" if channels == 1 else "RGB"))
     return image.reshape(image.shape[0], image.shape[1], channels)
+
+
+NPZ_IMAGES_KEY = "images"
+
+
+def load_npz_images(path: str, source: str) -> np.ndarray:
+    """uint8 [N, H, W, C] with C = 1 or 3 from an npz (numpy.savez): its array `images`, else
+    its first array. [H, W, C] is one image, [N, H, W] grey images. `source` names the file in
+    the one-line ValueError of a file that does not hold such images (e.g. "sample.input='x.npz'")."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = list(data.files)
+            key = NPZ_IMAGES_KEY if NPZ_IMAGES_KEY in keys else (keys[0] if keys else None)
+            images = None if key is None else np.asarray(data[key])
+    except Exception as e:  # empty (EOFError), truncated (BadZipFile), corrupt members, not an npz
+        raise ValueError(f"cannot read {source} as .npz ({type(e).__name__}: {e}); the file is "
+                         "empty, truncated or not an .npz, write it again with numpy.savez."
+                         ) from e
+    if key is None:
+        raise ValueError(f"{source} holds no arrays")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{source}['{key}'] has dtype {images.dtype}, expected uint8 images")
+    if images.ndim == 3:
+        images = images[None] if images.shape[-1] in (1, 3) else images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{source}['{key}'] has shape {images.shape}, expected uint8 images "
+                         "[N, H, W, C] with 1 or 3 channels")
+    return images
 
 
 MAX_LISTED_FILES = 3
@@ -266,12 +301,6 @@ def global_batch_indices(num_examples: int, global_batch: int, step: int, seed: 
     return permutation[within * global_batch:(within + 1) * global_batch]
 
 
-def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
-    """This process's contiguous rows of a global batch (its devices' part of the `data` mesh)."""
-    per_process = global_batch // process_count
-    return slice(process_index * per_process, (process_index + 1) * per_process)
-
-
 class Batch(NamedTuple):
     images: np.ndarray  # uint8 [K, B_process, H, W, C]
     labels: np.ndarray  # int32 [K, B_process]
@@ -281,7 +310,9 @@ def in_memory_batches(dataset: Dataset, *, global_batch: int, steps_per_call: in
                       start_step: int, seed: int, process_index: int = 0,
                       process_count: int = 1) -> Iterator[Batch]:
     """Yields this process's rows of `steps_per_call` consecutive global batches from `start_step`."""
-    rows = process_rows(global_batch, process_index, process_count)
+    from ddpm_jax.parallel import host_batch_slice  # jax, which fid_stats --help need not load
+
+    rows = host_batch_slice(global_batch, process_index, process_count)
     step = start_step
     while True:
         indices = np.stack([

@@ -119,7 +119,3 @@ def guided_denoise_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array,
         return guide(both[:batch], both[batch:], guidance_scale, model.in_ch)
 
     return apply
-
-
-def count_params(params: Params) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -63,11 +63,14 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "training.b
     return global_batch // num_devices
 
 
-def host_batch_slice(global_batch: int) -> slice:
-    """Rows of each global batch that this process feeds (its devices' contiguous part)."""
-    per_process = global_batch // jax.process_count()
-    start = jax.process_index() * per_process
-    return slice(start, start + per_process)
+def host_batch_slice(global_batch: int, process_index: int | None = None,
+                     process_count: int | None = None) -> slice:
+    """Rows of each global batch that a process feeds (its devices' contiguous part of the
+    `data` mesh); by default this process of this run."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    per_process = global_batch // process_count
+    return slice(process_index * per_process, (process_index + 1) * per_process)
 
 
 def to_global_array(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion, samplers
+from ddpm_jax import images as images_lib
 from ddpm_jax.diffusion import DenoiseFn, Schedule
 
 TASKS = ("generate", "img2img", "inpaint", "interpolate", "denoise")
@@ -192,31 +193,18 @@ def denoise(denoise_fn: DenoiseFn, schedule: Schedule, x_start: jax.Array, key: 
 
 def load_images(path: str, image_size: int, channels: int, what: str = "sample.input"
                 ) -> np.ndarray:
-    """uint8 [N, H, W, C] from an image file (PNG/JPEG/...) or an .npz with key `images`
-    (uint8 NHWC). The size must be the model's; a wrong size is an error naming it."""
+    """uint8 [N, H, W, C] from an image file (`input_pipeline.read_image`) or an .npz
+    (`input_pipeline.load_npz_images`). The size must be the model's; a wrong size is an error
+    naming it."""
     if not path:
         raise ValueError(f"{what} is empty; set --config.{what}=PATH (an image file or .npz).")
     if not os.path.exists(path):
         raise ValueError(f"{what}={path!r} does not exist.")
-    if path.lower().endswith(".npz"):
-        try:
-            with np.load(path) as data:
-                keys = list(data)
-                images = np.asarray(data["images"]) if "images" in data else None
-        except Exception as e:  # empty (EOFError), truncated (BadZipFile), corrupt members
-            raise ValueError(f"cannot read {what}={path!r} as .npz ({type(e).__name__}: {e}); "
-                             "the file is empty, truncated or not an .npz, write it again "
-                             "with numpy.savez.") from e
-        if images is None:
-            raise ValueError(f"{what}={path!r} has no array 'images' (keys: {keys}).")
-        if images.ndim == 3:
-            images = images[None] if images.shape[-1] in (1, 3) else images[..., None]
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise ValueError(f"{what}={path!r}: 'images' must be uint8 [N, H, W, C], got "
-                             f"{images.dtype} {images.shape}.")
-    else:
-        from ddpm_jax.input_pipeline import read_image
+    from ddpm_jax.input_pipeline import load_npz_images, read_image
 
+    if path.lower().endswith(".npz"):
+        images = load_npz_images(path, f"{what}={path!r}")
+    else:
         try:
             images = read_image(path, channels)[None]
         except Exception as e:
@@ -292,10 +280,6 @@ class TaskInputs(NamedTuple):
     steps: list[int] | None  # denoise
 
 
-def _to_float(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
 def prepare_inputs(config) -> TaskInputs:
     """Reads and checks every input of `sample.task`; raises a one-line ValueError otherwise."""
     from ddpm_jax import sampling
@@ -329,7 +313,8 @@ def prepare_inputs(config) -> TaskInputs:
         labels = np.repeat(np.asarray(classes, np.int32), num_inputs)
         images = np.concatenate([images] * len(classes))
         x2 = None if x2 is None else np.concatenate([x2] * len(classes))
-    return TaskInputs(_to_float(images), None if x2 is None else _to_float(x2), mask, labels,
+    return TaskInputs(images_lib.to_model_range(images),
+                      None if x2 is None else images_lib.to_model_range(x2), mask, labels,
                       num_inputs, t0, steps)
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,16 +32,6 @@ class NonFiniteError(RuntimeError):
 def crossed(before: int, after: int, every: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]."""
     return every > 0 and after // every > before // every
-
-
-def validate_config(config, mesh) -> None:
-    tc = config.training
-    parallel.check_batch_divisible(tc.batch_size, mesh, "training.batch_size")
-    if tc.steps_per_call < 1:
-        raise ValueError(f"training.steps_per_call={tc.steps_per_call} must be ≥ 1.")
-    if tc.batch_size % jax.process_count():
-        raise ValueError(f"training.batch_size={tc.batch_size} must divide over "
-                         f"{jax.process_count()} processes.")
 
 
 def make_batches(config, dataset, start_step: int, steps_per_call: int):
@@ -90,45 +81,23 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
     tc = config.training
     mesh = parallel.make_mesh()
     parallel.log_layout(mesh)
-    validate_config(config, mesh)
-
-    dataset = input_pipeline.load_dataset(config.data) if config.data.in_memory else None
-    if dataset is not None:
-        logging.info("dataset %s: %d images of %s", config.data.name, len(dataset.images),
-                     dataset.images.shape[1:])
-        train_step.check_dataset_labels(config.model, dataset.num_classes, dataset.labels)
-        validate.check_dataset_size(config, len(dataset.images))
+    validate.check_training_run(config, mesh)
+    dataset = _load_in_memory_dataset(config)
 
     manager = checkpointing.make_manager(workdir, tc)
-    directory = checkpointing.checkpoint_dir(workdir)
-    graphdef, abstract_state = train_step.abstract_train_state(config)
-    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
-    state, start_step = checkpointing.restore(manager, abstract_state, config, step=checkpoint,
-                                              shardings=shardings)
-    if state is not None and start_step >= tc.num_steps:
+    graphdef, state, start_step = _restore_or_create(config, workdir, manager, mesh, checkpoint)
+    if start_step >= tc.num_steps:
         if jax.process_index() == 0:
-            print(f"{directory} is already at step {start_step} (training.num_steps="
+            print(f"{checkpointing.checkpoint_dir(workdir)} is already at step {start_step} (training.num_steps="
                   f"{tc.num_steps}); nothing to do. To train further, pass "
                   f"--config.training.num_steps=N with N > {start_step}, e.g. "
                   f"--config.training.num_steps={2 * start_step}.")
         return state
-    if state is None:
-        graphdef, state = train_step.create_train_state(config, mesh)
-        start_step = 0
-        logging.info("initialised a new model: %s parameters",
-                     f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
-    else:
-        if checkpoint is not None:
-            for moved in checkpointing.supersede_later(manager, start_step):
-                logging.warning("moved the later checkpoint %s aside to %s",
-                                os.path.basename(moved).split("-")[0], moved)
-        _report_changed_settings(workdir, checkpointing.read_config(manager, start_step),
-                                 config, start_step)
-        logging.info("resuming from step %d", start_step)
 
     writer = _make_writer(workdir)
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+        writer.write_hparams({key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                              for key, value in checkpointing.flatten_config(config).items()})
     seed_key = jax.random.key(config.seed)
 
     stop = _StopSignal().install()
@@ -140,8 +109,7 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
     batches = None
     clock = _Clock(config)
     summary = {}
-    skipped_in_window = 0  # updates skipped as non-finite since the previous save point
-    first_skipped = None  # step of the first skipped update since the newest checkpoint
+    skips = _SkippedUpdates()
     try:
         while step < tc.num_steps:
             steps_this_call = min(tc.steps_per_call, tc.num_steps - step)
@@ -151,13 +119,9 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
             batch_images = parallel.to_global_array(batch.images, mesh, batch_axis=1)
             batch_labels = parallel.to_global_array(batch.labels, mesh, batch_axis=1)
             if steps_this_call not in step_fns:
-                logging.info("compiling the train step (%d steps per call)...", steps_this_call)
-                started, hits = time.perf_counter(), compile_cache.hits()
-                step_fns[steps_this_call] = train_step.make_train_step(
-                    graphdef, config, mesh).lower(state, batch_images, batch_labels,
-                                                  seed_key).compile()
-                logging.info("compiled the train step in %.1f s%s", time.perf_counter() - started,
-                             " (from the compilation cache)" if compile_cache.hits() > hits else "")
+                step_fns[steps_this_call] = _compile_train_step(
+                    graphdef, config, mesh, steps_this_call,
+                    (state, batch_images, batch_labels, seed_key))
                 flops_per_step = utilisation.step_flops(step_fns[steps_this_call])
             profile.before_call(step, steps_this_call)
             started = time.perf_counter()
@@ -167,37 +131,19 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
             clock.trained(steps_this_call, time.perf_counter() - started)
             before, step = step, step + steps_this_call
             profile.after_call(step)
-            if skipped.any():
-                skipped_in_window += int(skipped.sum())
-                if first_skipped is None:
-                    first_skipped = before + 1 + int(np.argmax(skipped))
+            skips.record(before, skipped)
 
             if crossed(before, step, tc.log_every) or step == tc.num_steps:
-                summary = train_step.summarize_metrics(metrics)
-                summary["param_norm"] = float(_global_norm(state.params))
-                summary["steps_per_sec"] = clock.recent_rate()
-                summary.update(utilisation.utilisation(flops_per_step, summary["steps_per_sec"],
-                                                       peak))
-                writer.write_scalars(step, summary)
-                skipped_note = (f", {int(summary['skipped_nonfinite'])} skipped as non-finite"
-                                if summary["skipped_nonfinite"] else "")
-                logging.info("step %d/%d loss %.5f grad_norm %.3f lr %.3g%s | %.2f steps/s%s | "
-                             "ETA %s", step, tc.num_steps, summary["loss"], summary["grad_norm"],
-                             summary["learning_rate"], skipped_note, summary["steps_per_sec"],
-                             utilisation.describe(summary), _format_seconds(clock.eta(step)))
+                summary = _log_progress(writer, tc, step, metrics, state, clock,
+                                        flops_per_step, peak)
             streak = int(state.nonfinite_streak)
             if streak >= tc.max_nonfinite:
                 checkpointing.wait_until_finished(manager)
                 raise NonFiniteError(_divergence_message(
-                    manager, tc, streak, first_skipped or step, step))
+                    manager, tc, streak, skips.first or step, step))
 
             if crossed(before, step, tc.checkpoint_every) or step == tc.num_steps:
-                if skipped_in_window:
-                    _withhold_warning(manager, step, skipped_in_window, first_skipped)
-                else:
-                    _save(manager, step, state, config, clock)
-                    first_skipped = None
-                skipped_in_window = 0
+                skips.save_point(manager, step, state, config, clock)
             if crossed(before, step, tc.sample_every) or step == tc.num_steps:
                 logging.info("drawing %d samples for the grid at step %d from the EMA weights "
                              "(decay %g%s)%s...", tc.num_grid_samples, step, tc.ema_decay,
@@ -210,10 +156,8 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
             if stop.any_process():
                 logging.warning("received %s at step %d: saving a checkpoint and exiting",
                                 stop.received or "a stop signal", step)
-                if skipped_in_window:
-                    _withhold_warning(manager, step, skipped_in_window, first_skipped)
-                elif manager.latest_step() != step:
-                    _save(manager, step, state, config, clock)
+                if skips.in_window or manager.latest_step() != step:
+                    skips.save_point(manager, step, state, config, clock)
                 break
     finally:
         profile.close()
@@ -222,17 +166,94 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
         stop.uninstall()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("train_and_evaluate:end")
+    _print_outcome(manager, workdir, tc, stop.received, start_step, step, summary)
+    return state
+
+
+def _load_in_memory_dataset(config) -> input_pipeline.Dataset | None:
+    """The whole split in host memory, checked against the model and the batch (None when the
+    data is streamed)."""
+    if not config.data.in_memory:
+        return None
+    dataset = input_pipeline.load_dataset(config.data)
+    logging.info("dataset %s: %d images of %s", config.data.name, len(dataset.images),
+                 dataset.images.shape[1:])
+    train_step.check_dataset_labels(config.model, dataset.num_classes, dataset.labels)
+    validate.check_dataset_size(config, len(dataset.images))
+    return dataset
+
+
+def _restore_or_create(config, workdir: str, manager, mesh, checkpoint: int | None
+                       ) -> tuple[Any, train_step.TrainState, int]:
+    """(graphdef, state, step): checkpoint `checkpoint` (default the newest), made ready to go
+    on unless it is already at training.num_steps; else a new model at step 0."""
+    graphdef, abstract_state = train_step.abstract_train_state(config)
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
+    state, start_step = checkpointing.restore(manager, abstract_state, config, step=checkpoint,
+                                              shardings=shardings)
+    if state is None:
+        graphdef, state = train_step.create_train_state(config, mesh)
+        logging.info("initialised a new model: %s parameters",
+                     f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+        return graphdef, state, 0
+    if start_step < config.training.num_steps:
+        _prepare_resume(config, workdir, manager, start_step, checkpoint)
+    return graphdef, state, start_step
+
+
+def _prepare_resume(config, workdir: str, manager, start_step: int,
+                    checkpoint: int | None) -> None:
+    """Moves the checkpoints after an explicitly chosen one aside and reports changed settings."""
+    if checkpoint is not None:
+        for moved in checkpointing.supersede_later(manager, start_step):
+            logging.warning("moved the later checkpoint %s aside to %s",
+                            os.path.basename(moved).split("-")[0], moved)
+    _report_changed_settings(workdir, checkpointing.read_config(manager, start_step),
+                             config, start_step)
+    logging.info("resuming from step %d", start_step)
+
+
+def _compile_train_step(graphdef, config, mesh, steps_per_call: int, example_args: tuple):
+    """The train step for `steps_per_call` steps, compiled ahead of time for these arguments."""
+    logging.info("compiling the train step (%d steps per call)...", steps_per_call)
+    started, hits = time.perf_counter(), compile_cache.hits()
+    compiled = train_step.make_train_step(graphdef, config, mesh).lower(*example_args).compile()
+    logging.info("compiled the train step in %.1f s%s", time.perf_counter() - started,
+                 " (from the compilation cache)" if compile_cache.hits() > hits else "")
+    return compiled
+
+
+def _log_progress(writer, tc, step: int, metrics, state, clock: "_Clock",
+                  flops_per_step: float | None, peak: float | None) -> dict[str, float]:
+    """The progress line and TensorBoard scalars of the call that ended at `step`."""
+    summary = train_step.summarize_metrics(metrics)
+    summary["param_norm"] = float(_global_norm(state.params))
+    summary["steps_per_sec"] = clock.recent_rate()
+    summary.update(utilisation.utilisation(flops_per_step, summary["steps_per_sec"], peak))
+    writer.write_scalars(step, summary)
+    skipped_note = (f", {int(summary['skipped_nonfinite'])} skipped as non-finite"
+                    if summary["skipped_nonfinite"] else "")
+    logging.info("step %d/%d loss %.5f grad_norm %.3f lr %.3g%s | %.2f steps/s%s | "
+                 "ETA %s", step, tc.num_steps, summary["loss"], summary["grad_norm"],
+                 summary["learning_rate"], skipped_note, summary["steps_per_sec"],
+                 utilisation.describe(summary), utilisation.format_seconds(clock.eta(step)))
+    return summary
+
+
+def _print_outcome(manager, workdir: str, tc, stopped_by: str | None, start_step: int,
+                   step: int, summary: dict[str, float]) -> None:
+    """The closing line: where a stopped run resumes, or what a finished one left."""
+    directory = checkpointing.checkpoint_dir(workdir)
     latest = manager.latest_step()
     where = (f"checkpoint {latest} in {directory}" if latest is not None
              else f"no checkpoint in {directory}")
-    if stop.received:
-        print(f"Stopped by {stop.received} at step {step}; newest {where}. Run the same command "
+    if stopped_by:
+        print(f"Stopped by {stopped_by} at step {step}; newest {where}. Run the same command "
               "to resume.")
     elif jax.process_index() == 0 and step > start_step:
         loss = f", loss {summary['loss']:.5f}" if "loss" in summary else ""
         print(f"done: step {step}/{tc.num_steps}{loss}; newest {where}; samples "
               f"{_grid_path(workdir, step)}")
-    return state
 
 
 def _report_changed_settings(workdir: str, saved_config: dict, config, step: int) -> None:
@@ -288,6 +309,31 @@ def _save(manager, step: int, state, config, clock: "_Clock") -> None:
                  manager.directory, clock.save_seconds,
                  f", {waited:.1f} s of it waiting for the previous save: consider a larger "
                  "training.checkpoint_every" if waited > 1.0 else "")
+
+
+class _SkippedUpdates:
+    """Updates skipped as non-finite: how many since the previous save point, and the step of
+    the first since the newest checkpoint. A save point with skips in its window keeps the
+    newest checkpoint instead of saving weights that may have diverged."""
+
+    def __init__(self):
+        self.in_window = 0
+        self.first: int | None = None
+
+    def record(self, before: int, skipped: np.ndarray) -> None:
+        """`skipped[k]`: whether the update of step before + 1 + k was skipped."""
+        if skipped.any():
+            self.in_window += int(skipped.sum())
+            if self.first is None:
+                self.first = before + 1 + int(np.argmax(skipped))
+
+    def save_point(self, manager, step: int, state, config, clock: "_Clock") -> None:
+        if self.in_window:
+            _withhold_warning(manager, step, self.in_window, self.first)
+        else:
+            _save(manager, step, state, config, clock)
+            self.first = None
+        self.in_window = 0
 
 
 def _withhold_warning(manager, step: int, skipped: int, first_skipped: int) -> None:
@@ -377,23 +423,3 @@ def events_left(step: int, num_steps: int, every: int) -> int:
 
 _global_norm = jax.jit(optim.global_norm)
 
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def _flat_config(config) -> dict:
-    flat = {}
-
-    def visit(prefix, node):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if hasattr(value, "items"):
-                visit(name + ".", value)
-            else:
-                flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    visit("", config)
-    return flat

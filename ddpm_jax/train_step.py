@@ -23,6 +23,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ddpm_jax import diffusion, gradients, models, optim, unet
+from ddpm_jax import images as images_lib
 from ddpm_jax.parallel import DATA_AXIS, replicated
 
 NUM_QUARTILES = 4
@@ -86,11 +87,6 @@ def abstract_train_state(config) -> tuple[nnx.GraphDef, TrainState]:
         return init_train_state(config, graphdef, params)
 
     return graphdef, jax.eval_shape(init)
-
-
-def scale_images(images_uint8: jax.Array) -> jax.Array:
-    """uint8 0..255 → float32 in [−1, 1] (`normalize_data`: x/127.5 − 1)."""
-    return images_uint8.astype(jnp.float32) / 127.5 - 1.0
 
 
 def per_example_randomness(step_key: jax.Array, first_index: jax.Array, batch: int,
@@ -167,6 +163,31 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable:
     return loss_fn
 
 
+def _device_inputs(config, images: jax.Array, labels: jax.Array, step_key: jax.Array,
+                   first_index: jax.Array) -> tuple[jax.Array, ...]:
+    """(x_start, labels, t, noise) of this device's examples: scaled to [-1, 1], flipped, and
+    for a conditional model with label dropout, some labels replaced by the null class."""
+    num_classes = config.model.num_classes
+    class_dropout = float(config.model.get("class_dropout", 0.0))  # validate.py checks the range
+    t, noise, flip = per_example_randomness(
+        step_key, first_index, images.shape[0], images.shape[1:], config.diffusion.num_timesteps)
+    x_start = images_lib.to_model_range(images)
+    if config.data.random_flip:
+        x_start = random_flip(x_start, flip)
+    if unet.is_conditional(num_classes) and class_dropout > 0:
+        labels = drop_labels(step_key, first_index, labels, num_classes, class_dropout)
+    return x_start, labels, t, noise
+
+
+def _quartile_losses(losses: jax.Array, t: jax.Array, num_timesteps: int
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Sums and counts of the losses over the mesh, per quarter of the timesteps."""
+    quartile = t * NUM_QUARTILES // num_timesteps
+    in_quartile = (quartile[:, None] == jnp.arange(NUM_QUARTILES)).astype(jnp.float32)
+    return (lax.psum(jnp.sum(losses[:, None] * in_quartile, 0), DATA_AXIS),
+            lax.psum(jnp.sum(in_quartile, 0), DATA_AXIS))
+
+
 def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
     """One optimizer step as seen by one device of the mesh (call under `shard_map`)."""
     tc = config.training
@@ -174,14 +195,7 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
     learning_rate = optim.warmup_learning_rate(tc.lr, tc.warmup_steps)
     loss_fn = make_loss_fn(graphdef, config)
     num_timesteps = config.diffusion.num_timesteps
-    num_classes = config.model.num_classes
     ema_warmup = bool(tc.get("ema_warmup", False))  # configs saved before the key: the paper's
-    class_dropout = float(config.model.get("class_dropout", 0.0))
-    if unet.is_conditional(num_classes) and not 0.0 <= class_dropout < 1.0:
-        raise ValueError(f"model.class_dropout={class_dropout} must be in [0, 1).")
-    if tc.clip_mode not in gradients.CLIP_MODES:
-        raise ValueError(f"training.clip_mode={tc.clip_mode!r} is unknown; "
-                         f"use one of {', '.join(gradients.CLIP_MODES)}.")
 
     def device_step(state: TrainState, images: jax.Array, labels: jax.Array,
                     seed_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -190,14 +204,8 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
         num_devices = lax.axis_size(DATA_AXIS)
         layout = gradients.group_layout(tc, local_batch * num_devices, num_devices)
         step_key = jax.random.fold_in(seed_key, state.step)
-        t, noise, flip = per_example_randomness(
-            step_key, device * local_batch, local_batch, images.shape[1:], num_timesteps)
-        x_start = scale_images(images)
-        if config.data.random_flip:
-            x_start = random_flip(x_start, flip)
-        if unet.is_conditional(num_classes) and class_dropout > 0:
-            labels = drop_labels(step_key, device * local_batch, labels, num_classes,
-                                 class_dropout)
+        x_start, labels, t, noise = _device_inputs(config, images, labels, step_key,
+                                                   device * local_batch)
 
         # Differentiate w.r.t. a device-varying copy of the replicated params, so each device
         # gets its own gradient (shard_map would otherwise psum the gradient of an invariant).
@@ -223,10 +231,7 @@ def make_device_step(graphdef: nnx.GraphDef, config) -> Callable:
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         )
 
-        quartile = t * NUM_QUARTILES // num_timesteps
-        in_quartile = (quartile[:, None] == jnp.arange(NUM_QUARTILES)).astype(jnp.float32)
-        quartile_sums = lax.psum(jnp.sum(losses[:, None] * in_quartile, 0), DATA_AXIS)
-        quartile_counts = lax.psum(jnp.sum(in_quartile, 0), DATA_AXIS)
+        quartile_sums, quartile_counts = _quartile_losses(losses, t, num_timesteps)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,

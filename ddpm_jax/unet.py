@@ -31,6 +31,8 @@ from flax import nnx
 from ddpm_jax import conv
 
 NUM_GROUPS = 32
+# `dtype` (model.dtype) names: the compute dtypes of convolutions and dense layers.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 GROUP_NORM_EPS = 1e-6
 # The original `default_init(scale=0.)` uses this scale instead of exact zeros.
 ZERO_INIT_SCALE = 1e-10
@@ -344,6 +346,68 @@ def _block_dropout_key(dropout_key: jax.Array | None, block_index: int) -> jax.A
     return None if dropout_key is None else jax.random.fold_in(dropout_key, block_index)
 
 
+def _down_levels(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
+                 attn_resolutions: tuple[int, ...], resolution: int, temb_ch: int,
+                 common: dict[str, Any]) -> tuple[list[DownLevel], list[int]]:
+    """The `down_{i}` levels, and the channels of every tensor the forward pass pushes on the
+    skip stack (conv_in's output first), in push order."""
+    skip_channels = [ch]
+    current_res = resolution
+    block_in = ch
+    down = []
+    for i_level in range(len(ch_mult)):
+        block_out = ch * ch_mult[i_level]
+        in_channels = [block_in] + [block_out] * (num_res_blocks - 1)
+        is_last = i_level == len(ch_mult) - 1
+        down.append(
+            DownLevel(
+                in_channels,
+                block_out,
+                temb_ch,
+                with_attn=current_res in attn_resolutions,
+                with_downsample=not is_last,
+                **common,
+            )
+        )
+        skip_channels += [block_out] * num_res_blocks
+        block_in = block_out
+        if not is_last:
+            skip_channels.append(block_out)
+            current_res //= 2
+    return down, skip_channels
+
+
+def _up_levels(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
+               attn_resolutions: tuple[int, ...], resolution: int, temb_ch: int,
+               skip_channels: list[int], common: dict[str, Any]) -> list[UpLevel]:
+    """The `up_{i}` levels (indexed by i, built from the lowest resolution up, the order in
+    which they take their parameters from `rngs`); each block takes one skip from the top of
+    the stack, concatenated to its input."""
+    skip_channels = list(skip_channels)
+    num_levels = len(ch_mult)
+    current_res = resolution // 2 ** (num_levels - 1)
+    block_in = ch * ch_mult[-1]
+    up = [None] * num_levels
+    for i_level in reversed(range(num_levels)):
+        block_out = ch * ch_mult[i_level]
+        in_channels = []
+        for _ in range(num_res_blocks + 1):
+            in_channels.append(block_in + skip_channels.pop())
+            block_in = block_out
+        up[i_level] = UpLevel(
+            in_channels,
+            block_out,
+            temb_ch,
+            with_attn=current_res in attn_resolutions,
+            with_upsample=i_level != 0,
+            **common,
+        )
+        if i_level != 0:
+            current_res *= 2
+    assert not skip_channels
+    return up
+
+
 class UNet(nnx.Module):
     """The DDPM UNet (`unet.model`); CIFAR10 is ch=128, ch_mult=(1,2,2,2), 2 blocks, attn at 16.
 
@@ -381,9 +445,9 @@ class UNet(nnx.Module):
         self.num_classes = num_classes
         self.dtype = dtype
 
-        num_levels = len(self.ch_mult)
         temb_ch = 4 * ch
         common = dict(dropout=dropout, dtype=dtype, rngs=rngs)
+        shape = (ch, self.ch_mult, num_res_blocks, self.attn_resolutions, resolution, temb_ch)
 
         self.temb = TimestepMLP(ch, temb_ch, dtype=dtype, rngs=rngs)
         # Created only for conditional models, so the unconditional parameter tree is unchanged.
@@ -393,56 +457,14 @@ class UNet(nnx.Module):
         )
         self.conv_in = _conv3x3(in_ch, ch, dtype=dtype, rngs=rngs)
 
-        # Channels of every tensor pushed on the skip stack, in push order.
-        skip_channels = [ch]
-        current_res = resolution
-        block_in = ch
-        down = []
-        for i_level in range(num_levels):
-            block_out = ch * self.ch_mult[i_level]
-            in_channels = [block_in] + [block_out] * (num_res_blocks - 1)
-            is_last = i_level == num_levels - 1
-            down.append(
-                DownLevel(
-                    in_channels,
-                    block_out,
-                    temb_ch,
-                    with_attn=current_res in self.attn_resolutions,
-                    with_downsample=not is_last,
-                    **common,
-                )
-            )
-            skip_channels += [block_out] * num_res_blocks
-            block_in = block_out
-            if not is_last:
-                skip_channels.append(block_out)
-                current_res //= 2
+        down, skip_channels = _down_levels(*shape, common)
         self.down = nnx.List(down)
+        self.mid = MidLevel(ch * self.ch_mult[-1], temb_ch, **common)
+        self.up = nnx.List(_up_levels(*shape, skip_channels, common))
 
-        self.mid = MidLevel(block_in, temb_ch, **common)
-
-        up = [None] * num_levels
-        for i_level in reversed(range(num_levels)):
-            block_out = ch * self.ch_mult[i_level]
-            in_channels = []
-            for _ in range(num_res_blocks + 1):
-                in_channels.append(block_in + skip_channels.pop())
-                block_in = block_out
-            up[i_level] = UpLevel(
-                in_channels,
-                block_out,
-                temb_ch,
-                with_attn=current_res in self.attn_resolutions,
-                with_upsample=i_level != 0,
-                **common,
-            )
-            if i_level != 0:
-                current_res *= 2
-        assert not skip_channels
-        self.up = nnx.List(up)
-
-        self.norm_out = _group_norm(block_in, rngs=rngs)
-        self.conv_out = _conv3x3(block_in, out_ch, init_scale=0.0, dtype=dtype, rngs=rngs)
+        self.norm_out = _group_norm(ch * self.ch_mult[0], rngs=rngs)
+        self.conv_out = _conv3x3(ch * self.ch_mult[0], out_ch, init_scale=0.0, dtype=dtype,
+                                 rngs=rngs)
 
     def __call__(
         self,
@@ -462,25 +484,46 @@ class UNet(nnx.Module):
         execution order: down, mid, up) uses `fold_in(dropout_key, n)`. Returns float32
         [B, H, W, out_ch].
         """
+        self._check_inputs(x, y)
+        temb = self._embedding(t, y, x.shape[0])
+        hs, block_index = self._downsampling(x, temb, dropout_key)
+
+        h = hs[-1]
+        h = self.mid.block_1(h, temb, _block_dropout_key(dropout_key, block_index))
+        h = self.mid.attn_1(h)
+        h = self.mid.block_2(h, temb, _block_dropout_key(dropout_key, block_index + 1))
+
+        h = self._upsampling(h, hs, temb, dropout_key, block_index + 2)
+        h = self.conv_out(swish(self.norm_out(h)))
+        return h.astype(jnp.float32)
+
+    def _check_inputs(self, x: jax.Array, y: jax.Array | None) -> None:
         if y is not None and self.class_embed is None:
             raise LabelsOnUnconditionalModelError(
                 f"this UNet is unconditional (model.num_classes={self.num_classes}); class labels "
                 "need a model trained with model.num_classes > 1.")
-        batch, height, width, channels = x.shape
+        _, height, width, channels = x.shape
         if height != width or height != self.resolution or channels != self.in_ch:
             raise ValueError(
                 f"expected input [B, {self.resolution}, {self.resolution}, {self.in_ch}], got {x.shape}"
             )
-        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
 
+    def _embedding(self, t: jax.Array, y: jax.Array | None, batch: int) -> jax.Array:
+        """temb = temb_mlp(sinusoid(t)) (+ class_embed[y], the null class for y = None)."""
+        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         temb = self.temb(timestep_embedding(t, self.ch))
         if self.class_embed is not None:
             if y is None:
                 y = jnp.full((batch,), null_class(self.num_classes), jnp.int32)
             y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (batch,))
             temb = temb + self.class_embed(y).astype(temb.dtype)
-        block_index = 0
+        return temb
 
+    def _downsampling(self, x: jax.Array, temb: jax.Array, dropout_key: jax.Array | None
+                      ) -> tuple[list[jax.Array], int]:
+        """The skip stack (conv_in's output, then every block's and downsample's) and the
+        number of resblocks run."""
+        block_index = 0
         hs = [self.conv_in(x)]
         for level in self.down:
             for j, block in enumerate(level.block):
@@ -491,13 +534,11 @@ class UNet(nnx.Module):
                 hs.append(h)
             if level.downsample is not None:
                 hs.append(level.downsample(hs[-1]))
+        return hs, block_index
 
-        h = hs[-1]
-        h = self.mid.block_1(h, temb, _block_dropout_key(dropout_key, block_index))
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, temb, _block_dropout_key(dropout_key, block_index + 1))
-        block_index += 2
-
+    def _upsampling(self, h: jax.Array, hs: list[jax.Array], temb: jax.Array,
+                    dropout_key: jax.Array | None, block_index: int) -> jax.Array:
+        """The up levels from the lowest resolution, each block on concat([h, skip])."""
         for i_level in reversed(range(len(self.up))):
             level = self.up[i_level]
             for j, block in enumerate(level.block):
@@ -509,9 +550,7 @@ class UNet(nnx.Module):
             if level.upsample is not None:
                 h = level.upsample(upsample_nearest_2x(h))
         assert not hs
-
-        h = self.conv_out(swish(self.norm_out(h)))
-        return h.astype(jnp.float32)
+        return h
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,3 +110,11 @@ def describe(figures: dict[str, float]) -> str:
     fraction = figures.get("fraction_of_peak")
     return (f" | {figures['tflops_per_device']:.3g} TFLOP/s per device"
             + (f" ({100 * fraction:.0f}% of peak)" if fraction is not None else ""))
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for an ETA on the console: `7m05s` under an hour, `2h03m` from one hour on
+    (whole seconds, rounded down; negative as 0)."""
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

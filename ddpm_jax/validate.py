@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, gradients, profiling, samplers, solvers
+from ddpm_jax import diffusion, gradients, profiling, samplers, solvers, unet
+from ddpm_jax.parallel import check_batch_divisible
 
 MODES = ("train", "sample", "eval", "info")
 
@@ -35,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.timestep_spacing": solvers.SPACINGS,
     "training.grid_method": ("sample",) + samplers.METHODS,
     "sample.ddim_skip": ("uniform", "quad"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": unet.COMPUTE_DTYPES,
 }
 
 BUILT_IN_DATASETS = ("digits", "imagefolder")
@@ -185,8 +187,6 @@ RULES: dict[str, Rule] = {
     "eval.bpd_batch_size": COUNT,
     "eval.bpd_num_images": Rule(int, 0, note="0 = all"),
     "eval.bpd_clip_denoised": BOOL,
-    "eval.every": EVERY,
-    "eval.num_samples_during_training": COUNT,
 }
 
 
@@ -240,6 +240,15 @@ def check_numbers(config) -> None:
     _require(sc.num_steps == 0 or 1 <= sc.num_steps <= dc.num_timesteps, "sample.num_steps",
              sc.num_steps, f"0 (the method's default) or in [1, diffusion.num_timesteps="
              f"{dc.num_timesteps}]")
+
+
+def check_label_dropout(model_config) -> None:
+    """Training a conditional model: a label dropout of 1 would never show it a label (RULES
+    allows 1 for the unconditional models, which ignore it)."""
+    class_dropout = model_config.get("class_dropout", 0.0)
+    if unet.is_conditional(model_config.num_classes):
+        _require(class_dropout < 1, "model.class_dropout", class_dropout,
+                 "in [0, 1) for a conditional model (model.num_classes > 1)")
 
 
 def check_sample_settings(config) -> None:
@@ -303,27 +312,35 @@ def check_dataset_size(config, num_examples: int) -> None:
             f"training.batch_size={batch}; lower --config.training.batch_size.")
 
 
-def _check_divisible(value: int, mesh: Mesh, key: str) -> None:
-    devices = mesh.devices.size
-    if value % devices:
-        raise ValueError(
-            f"{key}={value} is not divisible by the {devices} devices of the data mesh; "
-            f"set --config.{key} to a multiple of {devices}.")
-
-
 def check_batches(config, mode: str, mesh: Mesh) -> None:
-    """Every batch the mode splits over the mesh splits evenly."""
+    """Every batch the mode splits over the mesh (and, for training, over the processes) splits
+    evenly."""
     if mode == "train":
-        _check_divisible(config.training.batch_size, mesh, "training.batch_size")
-        gradients.group_layout(config.training, config.training.batch_size, mesh.devices.size)
+        tc = config.training
+        check_batch_divisible(tc.batch_size, mesh, "training.batch_size")
+        if tc.batch_size % jax.process_count():
+            raise ValueError(f"training.batch_size={tc.batch_size} must divide over "
+                             f"{jax.process_count()} processes.")
+        gradients.group_layout(tc, tc.batch_size, mesh.devices.size)
     elif mode == "sample":
-        _check_divisible(config.sample.batch_size, mesh, "sample.batch_size")
+        check_batch_divisible(config.sample.batch_size, mesh, "sample.batch_size")
     elif mode == "eval":
         ec = config.eval
         if ec.num_samples:
-            _check_divisible(ec.batch_size, mesh, "eval.batch_size")
+            check_batch_divisible(ec.batch_size, mesh, "eval.batch_size")
         if ec.bpd:
-            _check_divisible(ec.bpd_batch_size, mesh, "eval.bpd_batch_size")
+            check_batch_divisible(ec.bpd_batch_size, mesh, "eval.bpd_batch_size")
+
+
+def check_eval_counts(eval_config) -> None:
+    """`--mode=eval` has something to do, and enough samples for its Inception Score splits."""
+    ec = eval_config
+    if ec.num_samples and ec.num_samples < max(ec.is_splits, 2):
+        raise ValueError(f"eval.num_samples={ec.num_samples} is too few for "
+                         f"eval.is_splits={ec.is_splits}; raise --config.eval.num_samples.")
+    if not ec.num_samples and not ec.bpd:
+        raise ValueError("nothing to evaluate: eval.num_samples=0 and eval.bpd=False; set "
+                         "--config.eval.num_samples or --config.eval.bpd=True.")
 
 
 def check_eval_inputs(eval_config) -> None:
@@ -336,6 +353,14 @@ def check_eval_inputs(eval_config) -> None:
                 + (" (pt_inception-2015-12-05-6726825d.pth or its .npz)"
                    if key == "inception_weights" else " (an npz with mu and sigma)")
                 + " or set it to '' for the default.")
+
+
+def check_training_run(config, mesh: Mesh) -> None:
+    """The rules the training loop itself relies on, for callers of `train.train_and_evaluate`
+    that did not run `validate` first (main.run does)."""
+    check_types_and_ranges(config)
+    check_batches(config, "train", mesh)
+    check_label_dropout(config.model)
 
 
 def validate(config, mode: str, mesh: Mesh | None = None) -> None:
@@ -351,6 +376,7 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
     if mesh is not None:
         check_batches(config, mode, mesh)
     if mode == "train":
+        check_label_dropout(config.model)
         check_data_source(config.data)
     if mode == "train" and config.training.sample_every:
         # The grid sampler fails now, not at the first grid (sampling imports models, which
@@ -360,3 +386,4 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
         sampling.check_method(sampling.grid_config(config))
     if mode == "eval":
         check_eval_inputs(config.eval)
+        check_eval_counts(config.eval)

@@ -29,19 +29,15 @@ from ddpm_jax.unet import tf_variable_names
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_STEP = 1234
 
-# google/ddpm-cifar10-32's UNet2DModel config (written out; nothing is downloaded).
-CIFAR10_DIFFUSERS = dict(
+# google/ddpm-cifar10-32's published UNet2DModel config (its config.json, written out here;
+# nothing is downloaded): the reference for `convert.diffusers_unet_config`.
+PUBLISHED_CIFAR10_DIFFUSERS = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     layers_per_block=2, norm_eps=1e-6, norm_num_groups=32, downsample_padding=0,
     flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None, act_fn="silu",
     time_embedding_type="positional", center_input_sample=False)
-# The same architecture family, small: 16x16, levels of 32 and 64 channels, attention at 8x8.
-SMALL_DIFFUSERS = dict(
-    CIFAR10_DIFFUSERS, sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
 
 def small_config(**model):
@@ -61,6 +57,15 @@ def cifar10_config():
     from configs import cifar10
 
     return cifar10.get_config()
+
+
+def diffusers_config(config):
+    return convert.diffusers_unet_config(nnx.eval_shape(lambda: models.create_model(config)))
+
+
+CIFAR10_DIFFUSERS = diffusers_config(cifar10_config())
+# The same architecture family, small: 16x16, levels of 32 and 64 channels, attention at 8x8.
+SMALL_DIFFUSERS = diffusers_config(small_config())
 
 
 def one_device():
@@ -377,6 +382,36 @@ def test_load_errors_are_clear(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # diffusers folders
 # ----------------------------------------------------------------------------------------------
+
+
+def test_diffusers_unet_config_is_the_published_one_and_passes_its_own_check():
+    built = CIFAR10_DIFFUSERS
+    assert {k: v for k, v in built.items() if k != "dropout"} == PUBLISHED_CIFAR10_DIFFUSERS
+    assert built["dropout"] == 0.1  # configs/cifar10.py's, for training a diffusers copy
+    from configs import celebahq256
+
+    for config in (cifar10_config(), small_config(), celebahq256.get_config()):
+        model = nnx.eval_shape(lambda: models.create_model(config))
+        built = convert.diffusers_unet_config(model)
+        convert.check_diffusers_config(built, model)  # accepts exactly what the builder makes
+        for key, value in built.items():  # and each built value is one it checks, but dropout
+            if key == "dropout":
+                continue
+            other = value + 1 if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                else (not value if isinstance(value, bool) else None)
+            if key in ("block_out_channels",):
+                other = tuple(2 * c for c in value)
+            if key in ("down_block_types", "up_block_types"):
+                other = tuple(reversed(value)) if tuple(reversed(value)) != value else value[:-1]
+            if key in ("act_fn", "time_embedding_type"):
+                other = "relu" if key == "act_fn" else "fourier"
+            if key == "attention_head_dim":
+                other = 8
+            with pytest.raises(ValueError, match=key):
+                convert.check_diffusers_config({**built, key: other}, model)
+    conditional = small_config(num_classes=10)
+    with pytest.raises(ValueError, match="class-conditional"):
+        convert.diffusers_unet_config(nnx.eval_shape(lambda: models.create_model(conditional)))
 
 
 @pytest.fixture(scope="module")

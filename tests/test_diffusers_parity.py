@@ -9,51 +9,27 @@ from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 from flax import nnx
 
-from ddpm_jax.convert import check_diffusers_config, diffusers_name, params_from_diffusers
+from ddpm_jax.convert import (check_diffusers_config, diffusers_name, diffusers_unet_config,
+                              params_from_diffusers)
 from ddpm_jax.unet import UNet, count_params, tf_variable_names, timestep_embedding
 
-# google/ddpm-cifar10-32 (written out here; nothing is downloaded).
-CIFAR10_DIFFUSERS = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    norm_eps=1e-6,
-    norm_num_groups=32,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    attention_head_dim=None,
-    act_fn="silu",
-    time_embedding_type="positional",
-    center_input_sample=False,
-)
+# The diffusers side is built by `convert.diffusers_unet_config`, which tests/test_convert.py
+# checks against google/ddpm-cifar10-32's published config.
 CIFAR10_OURS = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
-
 # A small model of a different depth (3 levels, 1 block per level, attention at 8x8) to check
 # that the mapping derives its indices.
-SMALL_DIFFUSERS = dict(
-    CIFAR10_DIFFUSERS,
-    sample_size=16,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=1,
-)
 SMALL_OURS = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, resolution=16)
-
 # google/ddpm-celebahq-256.
-CELEBAHQ_DIFFUSERS = dict(
-    CIFAR10_DIFFUSERS,
-    sample_size=256,
-    block_out_channels=(128, 128, 256, 256, 512, 512),
-    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-)
 CELEBAHQ_OURS = dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=256)
+
+
+def _diffusers_config(ours):
+    return diffusers_unet_config(nnx.eval_shape(lambda: UNet(**ours, rngs=nnx.Rngs(0))))
+
+
+CIFAR10_DIFFUSERS = _diffusers_config(CIFAR10_OURS)
+SMALL_DIFFUSERS = _diffusers_config(SMALL_OURS)
+CELEBAHQ_DIFFUSERS = _diffusers_config(CELEBAHQ_OURS)
 
 
 def random_diffusers_unet(config, seed, std=0.05):

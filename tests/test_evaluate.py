@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from ddpm_jax import (checkpointing, diffusion, evaluate, images, inception, main, parallel,
-                      sampling, train_step)
+                      sampling, train_step, validate)
 
 LN2 = math.log(2.0)
 
@@ -228,10 +228,10 @@ def test_nothing_to_evaluate_and_indivisible_batch_are_config_errors(mesh):
     config = default.get_config()
     config.eval.num_samples = 0
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        evaluate.validate_config(config, mesh)
+        validate.validate(config, "eval", mesh)
     config.eval.num_samples, config.eval.batch_size = 100, 12
     with pytest.raises(ValueError, match="eval.batch_size=12"):
-        evaluate.validate_config(config, mesh)
+        validate.validate(config, "eval", mesh)
 
 
 # ------------------------------------------------------------------------------ end to end

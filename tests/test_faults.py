@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, main, train, train_step
+from ddpm_jax import checkpointing, images, main, train, train_step
 from helpers import tiny_config
 
 
@@ -52,7 +52,7 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkey
     good = _restore(workdir, config, 2)
 
     # From now on every batch is NaN: updates must be skipped and never saved as NaN.
-    monkeypatch.setattr(train_step, "scale_images", lambda images: images * np.nan)
+    monkeypatch.setattr(images, "to_model_range", lambda batch: batch * np.nan)
     config.training.num_steps = 10
     config.training.checkpoint_every = 1
     config.training.max_nonfinite = 3

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from ddpm_jax import input_pipeline, train_step
+from ddpm_jax import images, input_pipeline, train_step
 
 
 def test_digits_are_the_bundled_scikit_learn_digits():
@@ -116,6 +116,6 @@ def test_timesteps_are_uniform_over_all_steps():
 
 def test_default_config_feeds_uint8_and_scales_like_the_original():
     x = jnp.array([0, 127, 255], jnp.uint8)
-    np.testing.assert_allclose(np.asarray(train_step.scale_images(x)),
+    np.testing.assert_allclose(np.asarray(images.to_model_range(x)),
                                [-1.0, 127 / 127.5 - 1, 1.0], atol=1e-7)
     assert default.get_config().data.random_flip

@@ -239,7 +239,8 @@ def test_fid_stats_cli_input_errors(random_weights, tmp_path, capsys):
     (empty / "nested").mkdir(parents=True)
     _fails(["--images", str(empty), *common])
     error = capsys.readouterr().err.strip()
-    assert "no .png/.jpg/.jpeg images" in error and str(empty) in error and "\n" not in error
+    assert "no .png/.jpg/.jpeg/.bmp/.webp/.tif/.tiff images found under" in error
+    assert str(empty) in error and "\n" not in error
 
     broken = tmp_path / "broken"
     broken.mkdir()
