@@ -279,6 +279,11 @@ ROWS_TESTED_ELSEWHERE = [
      "test_workdir.py"),
     ("a second training on one workdir", "is in use by another training", "test_workdir.py"),
     ("a second evaluation on one workdir", "is in use by another {what}", "test_workdir.py"),
+    ("streaming data stored as TFRecord", "but streaming (data.in_memory=False) reads "
+     "ArrayRecord by index", "test_streaming_resume.py"),
+    ("streaming data not prepared", "; prepare it with `tfds build", "test_streaming_resume.py"),
+    ("streaming without Grain installed", "is read with Grain, which is not installed: pip "
+     "install grain", "test_streaming_resume.py"),
 ]
 
 
