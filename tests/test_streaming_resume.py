@@ -175,10 +175,11 @@ def test_tfrecord_data_is_one_error_naming_the_conversion(tmp_path, capsys):
     line = _fails_with_one_line(_streaming_config(data_dir), str(tmp_path / "run"), capsys)
     version_dir = os.path.join(data_dir, "indexed_images", "1.0.0")
     assert line == (
-        f"error: TFDS indexed_images in {version_dir} is stored as tfrecord, but streaming "
-        "(data.in_memory=False) reads ArrayRecord by index: convert it once with `tfds "
-        f"convert_format --dataset_version_dir={version_dir} --out_file_format=array_record` "
-        "or prepare it again with `tfds build indexed_images --file_format=array_record`.")
+        f"error: TFDS indexed_images in {version_dir} is stored as tfrecord, "
+        "but streaming (data.in_memory=False) reads ArrayRecord by index"
+        f": convert it once with `tfds convert_format --dataset_version_dir={version_dir} "
+        "--out_file_format=array_record` or prepare it again with `tfds build indexed_images "
+        "--file_format=array_record`.")
 
 
 def test_unprepared_data_is_one_error_naming_the_build(tmp_path, capsys):
@@ -209,8 +210,9 @@ def test_streaming_without_grain_is_one_error_naming_the_install(indexed, tmp_pa
                                                                  monkeypatch):
     monkeypatch.setitem(sys.modules, "grain", None)  # `import grain` raises ImportError
     line = _fails_with_one_line(_streaming_config(indexed), str(tmp_path / "run"), capsys)
-    assert line == ("error: streaming data (data.in_memory=False) is read with Grain, which is "
-                    "not installed: pip install grain (or pip install 'ddpm_jax[streaming]').")
+    assert line == ("error: streaming data (data.in_memory=False) "
+                    "is read with Grain, which is not installed: pip install grain"
+                    " (or pip install 'ddpm_jax[streaming]').")
 
 
 def test_an_image_folder_streams_the_pixels_it_has_in_memory(tmp_path):
