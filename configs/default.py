@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.data_dir = ""  # TFDS data_dir; empty = TFDS default
     data.folder = ""  # for name == "imagefolder": a tree of PNG/JPEG files
     data.in_memory = True  # load the split into host RAM: exact, step-indexed data order
-    data.shuffle_buffer = 50_000  # streaming (in_memory=False) only
+    data.shuffle_buffer = 50_000  # unused: streaming shuffles whole epochs by index (D29)
     data.prefetch = 2  # host batches prepared ahead of the device
 
     config.model = model = ml_collections.ConfigDict()

@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state under `workdir/checkpoints/<step>/`.
 
 Each checkpoint holds the whole `TrainState` (step, params, EMA, Adam moments), the run's
-config as JSON, so a workdir cannot silently be resumed with a different model, and a SHA-256
-digest of every array, so damaged files are caught at restore instead of training on inf/NaN.
+config as JSON, so a workdir cannot silently be resumed with a different model, a SHA-256
+digest of every array, so damaged files are caught at restore instead of training on inf/NaN,
+and for streaming data each process's data position (its Grain iterator state).
 """
 
 from __future__ import annotations
@@ -52,6 +53,24 @@ class CheckpointCorruptError(ValueError):
 
 DIGEST_ALGORITHM = "sha256"
 _DIGESTS_ITEM = "digests"
+_DATA_ITEM = "data"  # streaming runs: each process's Grain iterator state
+
+
+class _GrainState:
+    """A Grain iterator state (bytes) as Grain's Orbax handler takes it: the handler saves
+    `get_state()` to one file per process and restores a file into `set_state`."""
+
+    def __init__(self, state: bytes | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return self.state
+
+    def set_state(self, state: bytes) -> None:
+        self.state = state
+
+    def start_prefetch(self) -> None:  # the handler calls it after restoring; nothing to start
+        pass
 
 
 # The step each manager is (asynchronously) writing, to name it when the write fails later.
@@ -118,19 +137,26 @@ def make_manager(workdir: str, training_config=None, *, read_only: bool = False
         return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, config) -> bool:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, config,
+         data_position: bytes | None = None) -> bool:
     """Starts writing checkpoint `step` (finished in the background; see `wait_until_finished`).
 
     The array digests are computed here, from a host copy taken before this returns, so the
-    caller may donate `state` to the next train step. Raises `CheckpointWriteError` if this or
-    the previous background write failed.
+    caller may donate `state` to the next train step. `data_position`: this process's streaming
+    data state after step `step` (`input_pipeline.Batch.position`), saved per process. Raises
+    `CheckpointWriteError` if this or the previous background write failed.
     """
     digests = {"algorithm": DIGEST_ALGORITHM, "arrays": array_digests(state)}
+    items = {_DIGESTS_ITEM: ocp.args.JsonSave(digests)}
+    if data_position is not None:
+        import grain
+
+        items[_DATA_ITEM] = grain.checkpoint.CheckpointSave(_GrainState(data_position))
     try:
         saved = manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-            **{_DIGESTS_ITEM: ocp.args.JsonSave(digests)}), force=True)
+            **items), force=True)
     except Exception as e:
         raise write_error(manager, _pending_step.get(manager, step), e) from e
     _pending_step[manager] = step
@@ -269,6 +295,25 @@ def check_step(manager: ocp.CheckpointManager, step: int) -> None:
     if step not in manager.all_steps():
         raise FileNotFoundError(f"--checkpoint={step} is not in {manager.directory}; available "
                                 f"steps: {sorted(manager.all_steps())}.")
+
+
+def read_data_position(manager: ocp.CheckpointManager, step: int) -> bytes | None:
+    """This process's streaming data state saved with checkpoint `step`; None when the
+    checkpoint holds none for it (in-memory data, an older checkpoint, or one written by a
+    different number of processes)."""
+    from etils import epath
+
+    if not (epath.Path(str(manager.directory)) / str(step) / _DATA_ITEM).exists():
+        return None
+    import grain
+
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{_DATA_ITEM: grain.checkpoint.CheckpointRestore(_GrainState())}))
+    except ValueError as e:  # Grain's handler: no file for this process index and count
+        logging.info("checkpoint %d has no data position for this process: %s", step, e)
+        return None
+    return restored[_DATA_ITEM].get_state()
 
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict:

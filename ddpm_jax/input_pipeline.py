@@ -9,9 +9,10 @@ Two ways to feed a run:
   RAM. The global batch of step s is rows `perm_e[(s mod E)·B : +B]` of the epoch-e permutation
   `perm_e = permutation(seed, e)`, and each process takes its contiguous slice of that batch.
   Data order is a pure function of the step; the processes' slices are disjoint and cover it.
-* streaming (`data.in_memory=False`, for LSUN/CelebA-HQ size data): tf.data over this process's
-  part of the TFDS split (`tfds.split_for_jax_process`), shuffled with a seed folded with the
-  start step, repeated and batched with `drop_remainder`.
+* streaming (`data.in_memory=False`, for LSUN/CelebA-HQ size data): Grain reads a TFDS split
+  stored as ArrayRecord, or an image folder, by index in a seeded per-epoch order, each process
+  every P-th example of it. The data position is each process's Grain iterator state, saved in
+  every checkpoint, so a resumed run goes on with the very next example.
 """
 
 from __future__ import annotations
@@ -304,6 +305,7 @@ def global_batch_indices(num_examples: int, global_batch: int, step: int, seed: 
 class Batch(NamedTuple):
     images: np.ndarray  # uint8 [K, B_process, H, W, C]
     labels: np.ndarray  # int32 [K, B_process]
+    position: bytes | None = None  # streaming: this process's data state after the batch
 
 
 def in_memory_batches(dataset: Dataset, *, global_batch: int, steps_per_call: int,
@@ -322,44 +324,174 @@ def in_memory_batches(dataset: Dataset, *, global_batch: int, steps_per_call: in
         step += steps_per_call
 
 
-def streaming_batches(data_config, *, global_batch: int, steps_per_call: int, start_step: int,
-                      seed: int) -> Iterator[Batch]:
-    """tf.data over this process's part of a TFDS split, for data too large for host RAM."""
-    import jax
-    import tensorflow as tf
+# ---------------------------------------------------------------------------------------------
+# Streaming (Grain): data too large for host RAM, read by index, resumable exactly.
+
+GRAIN_MISSING = ("streaming data (data.in_memory=False) is read with Grain, which is not "
+                 "installed: pip install grain (or pip install 'ddpm_jax[streaming]').")
+
+
+def _import_grain():
+    try:
+        import grain
+    except ImportError as e:
+        raise ValueError(GRAIN_MISSING) from e
+    return grain
+
+
+class _FolderSource:
+    """An image folder read by index (Grain's random-access source): (path, label) rows."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.paths, self.labels, _ = list_image_folder(folder)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"path": self.paths[index], "label": self.labels[index]}
+
+    def __repr__(self) -> str:  # Grain checks a restored state against this
+        return f"ImageFolder({self.folder!r}, {len(self.paths)} images)"
+
+
+def _tfds_source(data_config):
+    """This split as ArrayRecord read by index, images left encoded (decoded as tf.data did)."""
     import tensorflow_datasets as tfds
 
-    tf.config.set_visible_devices([], "GPU")
     builder = _tfds_builder(data_config.name, data_config.data_dir)
-    split = tfds.split_for_jax_process(data_config.split, drop_remainder=True)
-    shuffle_seed = seed * 1_000_003 + start_step  # a fresh, reproducible order after a resume
-    ds = builder.as_dataset(split=split, shuffle_files=True,
-                            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
-    size, channels = data_config.image_size, data_config.channels
+    try:
+        source = builder.as_data_source(split=data_config.split,
+                                        decoders={"image": tfds.decode.SkipDecoding()})
+    except NotImplementedError as e:  # not prepared, or as TFRecord: no reading by index
+        if not builder.is_prepared():
+            raise ValueError(
+                f"TFDS {data_config.name} is not prepared in {builder.data_dir}; prepare it "
+                f"with `tfds build {data_config.name} --file_format=array_record"
+                f"{f' --data_dir={data_config.data_dir}' if data_config.data_dir else ''}` or "
+                "set --config.data.data_dir to where it is.") from e
+        raise ValueError(
+            f"TFDS {data_config.name} in {builder.data_dir} is stored as "
+            f"{builder.info.file_format.value}, but streaming (data.in_memory=False) reads "
+            f"ArrayRecord by index: convert it once with `tfds convert_format "
+            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record` or "
+            f"prepare it again with `tfds build {data_config.name} "
+            "--file_format=array_record`.") from e
+    return builder, source
 
-    def preprocess(example):
-        image = example["image"]
-        if image.shape[-1] != channels:
-            image = (tf.image.rgb_to_grayscale(image) if channels == 1
-                     else tf.image.grayscale_to_rgb(image))
+
+def _tf_crop_resize(size: int, channels: int):
+    """The TFDS streaming preprocessing (docs/deviations.md D7): channels, centre square,
+    area resize with antialias, round, uint8; one graph for every image shape."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8)], autograph=False)
+    def preprocess(image):
+        if channels == 1:
+            image = tf.cond(tf.shape(image)[-1] == 1, lambda: image,
+                            lambda: tf.image.rgb_to_grayscale(image[..., :3]))
+        else:
+            image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.image.grayscale_to_rgb(image),
+                            lambda: image[..., :3])
         height, width = tf.shape(image)[0], tf.shape(image)[1]
         side = tf.minimum(height, width)
         image = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2,
                                               side, side)
         image = tf.image.resize(image, [size, size], method="area", antialias=True)
-        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-        label = tf.cast(example.get("label", 0), tf.int32)
-        return image, label
+        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
-    local_batch = global_batch // jax.process_count()
-    ds = (ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-          .repeat()
-          .shuffle(data_config.shuffle_buffer, seed=shuffle_seed)
-          .batch(local_batch, drop_remainder=True)
-          .batch(steps_per_call, drop_remainder=True)
-          .prefetch(tf.data.AUTOTUNE))
-    for images, labels in tfds.as_numpy(ds):
-        yield Batch(images, labels)
+    return preprocess
+
+
+class Stream(NamedTuple):
+    """Streaming data opened for reading: a random-access source and its preprocessing."""
+    source: object  # Grain's RandomAccessDataSource: len() and [index]
+    to_example: object  # source row -> (uint8 [H, W, C] image, int32 label)
+
+
+def open_stream(data_config) -> Stream:
+    """The configured TFDS split (ArrayRecord) or image folder, opened for streaming; a
+    one-line ValueError if it cannot be (no Grain, TFRecord files, no such folder)."""
+    _import_grain()
+    size, channels = data_config.image_size, data_config.channels
+    if data_config.name == "imagefolder":
+        def from_file(row):
+            try:
+                image = read_image(row["path"], channels)
+            except Exception as e:  # named like load_image_folder names it
+                reason = " ".join(str(e).split()) or type(e).__name__
+                raise unreadable_files_error(f"data.folder={data_config.folder!r}",
+                                             [(row["path"], reason[:200])]) from e
+            image = _to_channels(center_crop_resize(image, size), channels)
+            return image, np.int32(row["label"])
+
+        return Stream(_FolderSource(data_config.folder), from_file)
+
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    builder, source = _tfds_source(data_config)
+    decode, preprocess = builder.info.features["image"], _tf_crop_resize(size, channels)
+
+    def from_tfds(example):
+        image = example["image"]
+        if isinstance(image, bytes):  # as tf.data decoded it: the feature's own TF decoder
+            image = decode.decode_example(tf.constant(image))
+        image = preprocess(tf.convert_to_tensor(image, tf.uint8)).numpy()
+        return image, np.int32(example.get("label", 0))
+
+    return Stream(source, from_tfds)
+
+
+class _Preprocessed:
+    """`stream.source` with its preprocessing done on read, so that it runs in Grain's reader
+    threads (ReadOptions: 16, reading ahead), in parallel, as tf.data's map did."""
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.stream.source)
+
+    def __getitem__(self, index: int):
+        return self.stream.to_example(self.stream.source[index])
+
+    def __repr__(self) -> str:  # Grain checks a restored state against this
+        return repr(self.stream.source)
+
+
+def streaming_batches(stream: Stream, *, global_batch: int, steps_per_call: int, seed: int,
+                      position: bytes | None = None) -> Iterator[Batch]:
+    """Grain over a TFDS split (ArrayRecord) or an image folder, for data too large for RAM.
+
+    Epoch e is a permutation of the whole source drawn from (seed, e) and the stream runs on
+    through the epochs; process p of P reads positions p, p + P, p + 2P, ... of it, so global
+    step s holds positions [s·B, (s+1)·B) on any number of processes. Each batch carries
+    `position`, this process's Grain iterator state after it: restored from a checkpoint, the
+    stream goes on with the next example, exactly as without the interruption."""
+    import jax
+
+    grain = _import_grain()
+    sampler = grain.samplers.IndexSampler(num_records=len(stream.source), shuffle=True,
+                                          seed=seed, num_epochs=None)
+    loader = grain.DataLoader(
+        data_source=_Preprocessed(stream), sampler=sampler,
+        operations=[grain.transforms.Batch(global_batch // jax.process_count(),
+                                           drop_remainder=True)],
+        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True), worker_count=0)
+    iterator = iter(loader)
+    if position is not None:
+        try:
+            iterator.set_state(position)
+        except ValueError as e:  # Grain: saved with another sampler (seed, size) or source
+            logging.warning("the saved data position belongs to another data order (%s): the "
+                            "data stream starts from its beginning", str(e).splitlines()[0])
+            iterator = iter(loader)
+    while True:
+        calls = [next(iterator) for _ in range(steps_per_call)]
+        yield Batch(np.stack([c[0] for c in calls]), np.stack([c[1] for c in calls]),
+                    iterator.get_state())
 
 
 def prefetch(iterator: Iterator, size: int) -> Iterator:

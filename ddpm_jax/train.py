@@ -34,7 +34,11 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
-def make_batches(config, dataset, start_step: int, steps_per_call: int):
+def make_batches(config, dataset, start_step: int, steps_per_call: int,
+                 position: bytes | None = None):
+    """Host batches of `dataset` (in memory: an `input_pipeline.Dataset`, from `start_step`;
+    streaming: an `input_pipeline.Stream`, from `position`, this process's data state after
+    the last batch trained, None = the start of the stream)."""
     tc = config.training
     if config.data.in_memory:
         iterator = input_pipeline.in_memory_batches(
@@ -43,8 +47,8 @@ def make_batches(config, dataset, start_step: int, steps_per_call: int):
             process_count=jax.process_count())
     else:
         iterator = input_pipeline.streaming_batches(
-            config.data, global_batch=tc.batch_size, steps_per_call=steps_per_call,
-            start_step=start_step, seed=config.seed)
+            dataset, global_batch=tc.batch_size, steps_per_call=steps_per_call,
+            seed=config.seed, position=position)
     return input_pipeline.prefetch(iterator, config.data.prefetch)
 
 
@@ -83,6 +87,7 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
     parallel.log_layout(mesh)
     validate.check_training_run(config, mesh)
     dataset = _load_in_memory_dataset(config)
+    stream = None if config.data.in_memory else input_pipeline.open_stream(config.data)
 
     manager = checkpointing.make_manager(workdir, tc)
     graphdef, state, start_step = _restore_or_create(config, workdir, manager, mesh, checkpoint)
@@ -94,6 +99,7 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
                   f"--config.training.num_steps={2 * start_step}.")
         return state
 
+    data_position = _restored_data_position(config, manager, start_step)
     writer = _make_writer(workdir)
     if start_step == 0:
         writer.write_hparams({key: value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -114,8 +120,10 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
         while step < tc.num_steps:
             steps_this_call = min(tc.steps_per_call, tc.num_steps - step)
             if batches is None or steps_this_call not in step_fns:
-                batches = make_batches(config, dataset, step, steps_this_call)
+                batches = make_batches(config, dataset or stream, step, steps_this_call,
+                                       data_position)
             batch = next(batches)
+            data_position = batch.position
             batch_images = parallel.to_global_array(batch.images, mesh, batch_axis=1)
             batch_labels = parallel.to_global_array(batch.labels, mesh, batch_axis=1)
             if steps_this_call not in step_fns:
@@ -143,7 +151,7 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
                     manager, tc, streak, skips.first or step, step))
 
             if crossed(before, step, tc.checkpoint_every) or step == tc.num_steps:
-                skips.save_point(manager, step, state, config, clock)
+                skips.save_point(manager, step, state, config, clock, data_position)
             if crossed(before, step, tc.sample_every) or step == tc.num_steps:
                 logging.info("drawing %d samples for the grid at step %d from the EMA weights "
                              "(decay %g%s)%s...", tc.num_grid_samples, step, tc.ema_decay,
@@ -157,7 +165,7 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
                 logging.warning("received %s at step %d: saving a checkpoint and exiting",
                                 stop.received or "a stop signal", step)
                 if skips.in_window or manager.latest_step() != step:
-                    skips.save_point(manager, step, state, config, clock)
+                    skips.save_point(manager, step, state, config, clock, data_position)
                 break
     finally:
         profile.close()
@@ -297,13 +305,30 @@ def _make_writer(workdir: str) -> summaries.SummaryWriter:
     return summaries.SummaryWriter(workdir, enabled=jax.process_index() == 0)
 
 
-def _save(manager, step: int, state, config, clock: "_Clock") -> None:
+def _restored_data_position(config, manager, start_step: int) -> bytes | None:
+    """A streaming run's data position saved with checkpoint `start_step` (None at step 0 or
+    for in-memory data, whose order is a function of the step)."""
+    if config.data.in_memory or start_step == 0:
+        return None
+    position = checkpointing.read_data_position(manager, start_step)
+    if position is None:
+        logging.warning(
+            "checkpoint %d holds no streaming data position for process %d of %d (written "
+            "with in-memory data, by an older version or by another number of processes): "
+            "the data stream starts from its beginning, so the resumed run sees other images "
+            "than an uninterrupted one would", start_step, jax.process_index(),
+            jax.process_count())
+    return position
+
+
+def _save(manager, step: int, state, config, clock: "_Clock",
+          data_position: bytes | None = None) -> None:
     """Starts checkpoint `step`; first waits for the previous one itself, so the wait is named
     in our line (instead of Orbax's warning) and counted in the ETA."""
     started = time.perf_counter()
     checkpointing.wait_until_finished(manager)
     waited = time.perf_counter() - started
-    checkpointing.save(manager, step, state, config)
+    checkpointing.save(manager, step, state, config, data_position)
     clock.saved(time.perf_counter() - started)
     logging.info("saving checkpoint %d to %s (%.1f s%s, then in the background)", step,
                  manager.directory, clock.save_seconds,
@@ -327,11 +352,12 @@ class _SkippedUpdates:
             if self.first is None:
                 self.first = before + 1 + int(np.argmax(skipped))
 
-    def save_point(self, manager, step: int, state, config, clock: "_Clock") -> None:
+    def save_point(self, manager, step: int, state, config, clock: "_Clock",
+                   data_position: bytes | None = None) -> None:
         if self.in_window:
             _withhold_warning(manager, step, self.in_window, self.first)
         else:
-            _save(manager, step, state, config, clock)
+            _save(manager, step, state, config, clock, data_position)
             self.first = None
         self.in_window = 0
 

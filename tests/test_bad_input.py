@@ -281,6 +281,11 @@ ROWS_TESTED_ELSEWHERE = [
     ("a second evaluation on one workdir", "is in use by another {what}", "test_workdir.py"),
     ("benchmark switch that does not exist",
      "is not MODULE.ATTR=VALUE of an existing ddpm_jax attribute", "test_conv_formulations.py"),
+    ("streaming data stored as TFRecord", "but streaming (data.in_memory=False) reads "
+     "ArrayRecord by index", "test_streaming_resume.py"),
+    ("streaming data not prepared", "; prepare it with `tfds build", "test_streaming_resume.py"),
+    ("streaming without Grain installed", "is read with Grain, which is not installed: pip "
+     "install grain", "test_streaming_resume.py"),
 ]
 
 
