@@ -43,14 +43,14 @@ def build(config, mesh, batch: int, method: str, chain_steps: int):
     """Compiled sampler running `chain_steps` reverse steps; params replicated on the mesh."""
     import jax
 
-    from ddpm_jax import models, parallel, sampling
+    from ddpm_jax import model_fns, parallel, sampling
 
     short = copy.deepcopy(config)
     if method == "ancestral":
         short.diffusion.num_timesteps = chain_steps
     else:
         short.sample.ddim_steps = chain_steps
-    graphdef, params = models.init_params(config)
+    graphdef, params = model_fns.init_params(config)
     params = jax.device_put(params, parallel.replicated(mesh))
     sample_fn = sampling.make_sample_fn(graphdef, short, mesh, batch, method=method)
     key = jax.random.key(0)

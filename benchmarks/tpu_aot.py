@@ -157,11 +157,11 @@ def compile_sampler(config, mesh, batch: int = SAMPLE_BATCH, method: str = "ance
     """AOT-compiles the sampler (one scan over the whole chain) for `mesh`."""
     import jax
 
-    from ddpm_jax import models, parallel, sampling
+    from ddpm_jax import model_fns, parallel, sampling
 
     replicated = parallel.replicated(mesh)
     with traced_as_on_tpu():
-        graphdef, abstract_params = models.abstract_params(config)
+        graphdef, abstract_params = model_fns.abstract_params(config)
         sample_fn = sampling.make_sample_fn(graphdef, config, mesh, batch, method=method)
         start = time.perf_counter()
         lowered = sample_fn.lower(_abstract(abstract_params, replicated),

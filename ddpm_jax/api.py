@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from ddpm_jax import images, models, parallel, sampling
+from ddpm_jax import images, model_fns, parallel, sampling
 
 OUTPUTS = ("uint8", "float")
 
@@ -77,13 +77,13 @@ class Pipeline:
     `sample`."""
 
     def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                 params: models.Params, step: int, mesh: Mesh):
+                 params: model_fns.Params, step: int, mesh: Mesh):
         self.config = config
         self.graphdef = graphdef
         self.params = params
         self.step = step
         self.mesh = mesh
-        self._apply = jax.jit(lambda p, x, t: models.denoise_fn(graphdef, p)(x, t))
+        self._apply = jax.jit(lambda p, x, t: model_fns.denoise_fn(graphdef, p)(x, t))
         self._sample_fns: dict[tuple, Any] = {}
 
     @property

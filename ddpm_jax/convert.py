@@ -34,7 +34,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ddpm_jax import cli, models, torch_file
+from ddpm_jax import cli, model_fns, torch_file
 from ddpm_jax.unet import UNet, tf_variable_names
 
 # TF layer scope -> diffusers submodule name.
@@ -491,14 +491,14 @@ def read_diffusers_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarr
 class ImportedWeights:
     """Imported parameters as pure dicts (`nnx.to_pure_dict` layout, what Orbax stores)."""
 
-    params: models.Params  # training weights
-    ema_params: models.Params  # weights for sampling and evaluation
+    params: model_fns.Params  # training weights
+    ema_params: model_fns.Params  # weights for sampling and evaluation
     step: int  # the source's global_step (0 if it has none)
     description: str  # which weights were taken, for the user
 
 
 def _abstract_model(config) -> UNet:
-    return nnx.eval_shape(lambda: models.create_model(config))
+    return nnx.eval_shape(lambda: model_fns.create_model(config))
 
 
 def import_tf_checkpoint(path: str, config) -> ImportedWeights:

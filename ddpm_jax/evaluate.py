@@ -489,12 +489,12 @@ def validate_config(config, mesh: Mesh) -> None:
 
 def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str, step: int,
                  out_dir: str) -> dict[str, Any]:
-    from ddpm_jax import models
+    from ddpm_jax import model_fns
 
     ec, dc = config.eval, config.diffusion
 
     def denoise(params, x, t):
-        return models.denoise_fn(graphdef, params)(x, t)
+        return model_fns.denoise_fn(graphdef, params)(x, t)
 
     bpd_fn = make_bpd_fn(denoise, diffusion.schedule_from_config(dc), mesh,
                          mean_type=dc.mean_type, var_type=dc.var_type,

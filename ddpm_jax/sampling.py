@@ -1,5 +1,5 @@
 """Generating images with the whole `data` mesh: each device runs the compiled sampler
-(`sample.method` through `samplers.run_chain`: ancestral, DDIM, or the DPM-Solver++ / UniPC
+(`sample.method` through `chains.run_chain`: ancestral, DDIM, or the DPM-Solver++ / UniPC
 ODE solvers of `solvers.py`, each one `lax.scan`) on its share of the batch.
 
 Device d draws its x_T and step noise from `fold_in(key, d)`, so a key gives the same samples
@@ -7,7 +7,7 @@ on the same device count. Batches larger than one call are generated in consecut
 keyed `fold_in(key, call index)`.
 
 Class-conditional models (`model.num_classes > 1`) sample each image for a requested label
-with classifier-free guidance `sample.guidance_scale` (`models.guided_denoise_fn`: one batched
+with classifier-free guidance `sample.guidance_scale` (`model_fns.guided_denoise_fn`: one batched
 model call per step, in every sampler); `--mode=sample` writes one grid row per class.
 """
 
@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import diffusion, models, samplers, solvers, unet
+from ddpm_jax import chains, diffusion, model_fns, solvers, unet
 from ddpm_jax.parallel import DATA_AXIS, check_batch_divisible
 
 
@@ -75,30 +75,30 @@ def labels_per_sample(classes: list[int], num_samples: int) -> tuple[np.ndarray,
     return labels, per_row
 
 
-def make_denoise_fn(graphdef: nnx.GraphDef, params: models.Params, config,
+def make_denoise_fn(graphdef: nnx.GraphDef, params: model_fns.Params, config,
                     labels: jax.Array | None) -> Callable:
     """The sampler's `(x, t) -> output`: plain for unconditional models; for conditional ones the
     guided output, with w = 0 (unconditional) and w = 1 (conditional) in a single-batch call,
-    which `models.guide` shows to give the same numbers."""
+    which `model_fns.guide` shows to give the same numbers."""
     if not unet.is_conditional(config.model.num_classes):
-        return models.denoise_fn(graphdef, params)
+        return model_fns.denoise_fn(graphdef, params)
     w = guidance_scale(config)
     if w == 0:
-        return models.denoise_fn(graphdef, params, None)
+        return model_fns.denoise_fn(graphdef, params, None)
     if w == 1:
-        return models.denoise_fn(graphdef, params, labels)
-    return models.guided_denoise_fn(graphdef, params, labels, w)
+        return model_fns.denoise_fn(graphdef, params, labels)
+    return model_fns.guided_denoise_fn(graphdef, params, labels, w)
 
 
 DEFAULT_SOLVER_STEPS = 25  # dpm_solver / unipc when sample.num_steps = 0
-METHODS = samplers.METHODS
+METHODS = chains.METHODS
 # configs/default.py's values of the fields added with the solvers, for configs saved before.
 SOLVER_DEFAULTS = {"num_steps": 0, "solver_order": 2, "timestep_spacing": "logsnr"}
 
 
 def chain_method(sample_config, method: str | None = None, *, start: int | None = None,
-                 num_timesteps: int | None = None) -> samplers.Method:
-    """The `samplers.Method` of `config.sample` (or of `method` instead of `sample.method`).
+                 num_timesteps: int | None = None) -> chains.Method:
+    """The `chains.Method` of `config.sample` (or of `method` instead of `sample.method`).
 
     `sample.num_steps` = 0 means the method's default: `sample.ddim_steps` (its older name,
     kept as an alias) for ddim, 25 for dpm_solver and unipc; an editing chain from paper step
@@ -120,21 +120,21 @@ def chain_method(sample_config, method: str | None = None, *, start: int | None 
         steps = int(sc["ddim_steps"]) if name == "ddim" else DEFAULT_SOLVER_STEPS
         if start is not None and start < num_timesteps:
             steps = max(1, -(-steps * start // num_timesteps))
-    return samplers.Method(name, steps, int(sc["solver_order"]), str(sc["timestep_spacing"]),
-                           float(sc["ddim_eta"]), str(sc["ddim_skip"]))
+    return chains.Method(name, steps, int(sc["solver_order"]), str(sc["timestep_spacing"]),
+                         float(sc["ddim_eta"]), str(sc["ddim_skip"]))
 
 
 def check_method(config, method: str | None = None, *, start: int | None = None
-                 ) -> samplers.Method:
+                 ) -> chains.Method:
     """`chain_method` (from paper step `start`, default T), with the time grid of a solver
     built once on the host, so that a step count its spacing cannot take is one error line
     before anything is read or written."""
     num_timesteps = config.diffusion.num_timesteps
     start = num_timesteps if start is None else start
     chosen = chain_method(config.sample, method, start=start, num_timesteps=num_timesteps)
-    samplers.check_start(chosen, start)
-    samplers.check_mean_type(chosen, config.diffusion.mean_type)
-    if chosen.name in samplers.SOLVER_METHODS and start > 0:
+    chains.check_start(chosen, start)
+    chains.check_mean_type(chosen, config.diffusion.mean_type)
+    if chosen.name in chains.SOLVER_METHODS and start > 0:
         table = np.asarray(diffusion.schedule_from_config(config.diffusion).alphas_cumprod)
         table = table[:start]
         try:
@@ -171,9 +171,9 @@ def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, 
         if x_T is None:
             x_T = jax.random.normal(noise_key, shape, jnp.float32)
         denoise = make_denoise_fn(graphdef, params, config, labels)
-        return samplers.run_chain(chosen, denoise, schedule, x_T, loop_key,
-                                  mean_type=dc.mean_type, var_type=dc.var_type,
-                                  clip_denoised=sc.clip_denoised, xstart_every=xstart_every)
+        return chains.run_chain(chosen, denoise, schedule, x_T, loop_key,
+                                mean_type=dc.mean_type, var_type=dc.var_type,
+                                clip_denoised=sc.clip_denoised, xstart_every=xstart_every)
 
     out_specs = (P(DATA_AXIS), P(None, DATA_AXIS)) if xstart_every else P(DATA_AXIS)
     # Only the inputs in use are arguments: unconditional, drawn noise is (params, key).
@@ -251,7 +251,7 @@ def check_noise(config, num_samples: int, noise) -> np.ndarray:
     return noise
 
 
-def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
+def generate(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
              num_samples: int, key: jax.Array, *, batch_size: int | None = None,
              method: str | None = None, progress_every: int = 0, first_call: int = 0,
              labels: np.ndarray | None = None, sample_fn: Callable | None = None,
@@ -324,7 +324,7 @@ def grid_config(config):
     return grid
 
 
-def generate_grid(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
+def generate_grid(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
                   num_samples: int, key: jax.Array, *, batch_size: int, progress_every: int = 0
                   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """`generate` for a training grid (`grid_config`). `progress_every` counts ancestral steps;
@@ -421,7 +421,7 @@ def report_written(what: str, out_dir: str, existed: bool) -> None:
 
 
 def load_ema_params(config, workdir: str, mesh: Mesh, checkpoint: int | None = None
-                    ) -> tuple[nnx.GraphDef, models.Params, int]:
+                    ) -> tuple[nnx.GraphDef, model_fns.Params, int]:
     """EMA weights of the latest (or given) checkpoint in `workdir`, replicated over `mesh`."""
     from ddpm_jax import checkpointing, parallel, train_step
 

@@ -10,7 +10,7 @@ The solvers differ in how they approximate x_θ over a step from the previous mo
 Every step is a linear combination of the current point and at most four data predictions, so
 the coefficients are computed once in float64 NumPy from the ᾱ table (pure functions below,
 named after the papers' quantities) and the sampler is one ``lax.scan`` that carries the
-multistep history in its state, calling the model once per step like ``samplers.ddim_sample``.
+multistep history in its state, calling the model once per step like ``chains.ddim_sample``.
 
 Time grid: ``solver_timesteps`` gives the model-evaluation timesteps t_0 > … > t_{S-1}; the
 last step goes to ``final_timestep`` (−1 = the data, ᾱ = 1, σ = 0, as ancestral/DDIM sampling).
@@ -28,7 +28,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from ddpm_jax.diffusion import DenoiseFn
-from ddpm_jax.samplers import _num_progress_slots, _record_xstart
+from ddpm_jax.chains import _num_progress_slots, _record_xstart
 
 SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 UNIPC_VARIANTS = ("bh1", "bh2")

@@ -1,6 +1,6 @@
 """Editing with a trained DDPM: img2img (SDEdit), inpainting, interpolation and one-step denoising.
 
-The four tasks are pure functions over arrays, like `samplers.py`: a `denoise_fn(x, t)`, the
+The four tasks are pure functions over arrays, like `chains.py`: a `denoise_fn(x, t)`, the
 `Schedule`, images in [-1, 1] (NHWC) and a key. Timesteps follow the package's convention
 (code index t = 0..T-1 is the paper's step t+1); a task's start `t0` counts *paper* steps:
 x_{t0} = q_sample(x_0, code index t0 - 1), then `t0` reverse steps (code t0-1..0) bring it back to
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, samplers
+from ddpm_jax import chains, diffusion
 from ddpm_jax.diffusion import DenoiseFn, Schedule
 
 TASKS = ("generate", "img2img", "inpaint", "interpolate", "denoise")
@@ -57,7 +57,7 @@ def noise_to_step(schedule: Schedule, x_start: jax.Array, t0: int, noise: jax.Ar
 def _reverse_chain(denoise_fn, schedule, x_t, key, t0, *, method, mean_type, var_type,
                    clip_denoised, xstart_every, after_step=None
                    ) -> tuple[jax.Array, jax.Array | None]:
-    out = samplers.run_chain(
+    out = chains.run_chain(
         method, denoise_fn, schedule, x_t, key, start=t0, mean_type=mean_type,
         var_type=var_type, clip_denoised=clip_denoised, xstart_every=xstart_every,
         after_step=after_step)
@@ -67,7 +67,7 @@ def _reverse_chain(denoise_fn, schedule, x_t, key, t0, *, method, mean_type, var
 def img2img(denoise_fn: DenoiseFn, schedule: Schedule, x_start: jax.Array, key: jax.Array, *,
             t0: int, mean_type: str = "eps", var_type: str = "fixedlarge",
             clip_denoised: bool = True, xstart_every: int | None = None,
-            method: samplers.Method = samplers.Method()) -> EditResult:
+            method: chains.Method = chains.Method()) -> EditResult:
     """SDEdit (Meng et al. 2022): noise the input to x_{t0} with q(x_{t0} | x_0), then run the
     ancestral sampler (Alg. 2) for code indices t0-1..0, or `method` from t0 (`run_chain`).
     t0 = 0 returns `x_start` unchanged; t0 = T forgets the input entirely (up to √ᾱ_T ≈ 0.006
@@ -85,7 +85,7 @@ def inpaint(denoise_fn: DenoiseFn, schedule: Schedule, x_known: jax.Array, mask:
             key: jax.Array, *, t0: int | None = None, mean_type: str = "eps",
             var_type: str = "fixedlarge", clip_denoised: bool = True,
             xstart_every: int | None = None,
-            method: samplers.Method = samplers.Method()) -> EditResult:
+            method: chains.Method = chains.Method()) -> EditResult:
     """Inpainting by replacement: where `mask` is true the image is generated, elsewhere the
     known pixels are re-imposed at every step as a sample of q(x_{t-1} | x_known), so that
 
@@ -128,7 +128,7 @@ def interpolate(denoise_fn: DenoiseFn, schedule: Schedule, x1: jax.Array, x2: ja
                 key: jax.Array, *, t0: int, mix_weights: jax.Array | np.ndarray,
                 mean_type: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,
                 xstart_every: int | None = None,
-                method: samplers.Method = samplers.Method()) -> EditResult:
+                method: chains.Method = chains.Method()) -> EditResult:
     """The original's `GaussianDiffusion.interpolate`: diffuse both images to step t0 with
     independent noise, mix the latents linearly x̄_{t0} = (1 − λ) x_{t0} + λ x'_{t0}, and run the
     reverse chain from t0 (paper Fig. 8), with `method` (ancestral by default; a deterministic
@@ -353,7 +353,7 @@ def run_task(config, graphdef, params, inputs: TaskInputs, key: jax.Array
     chain = dict(mean_type=dc.mean_type, var_type=dc.var_type, clip_denoised=sc.clip_denoised)
     task, t0 = sc.task, inputs.t0
     method = sampling.chain_method(sc, start=t0, num_timesteps=dc.num_timesteps)
-    calls = samplers.model_calls(method, t0)
+    calls = chains.model_calls(method, t0)
     every = _progress_every(calls) if calls > 0 else None
     weights = np.linspace(0.0, 1.0, sc.num_mix)
     labels = inputs.labels

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, gradients, profiling, samplers, solvers
+from ddpm_jax import chains, diffusion, gradients, profiling, solvers
 
 MODES = ("train", "sample", "eval", "info")
 
@@ -31,9 +31,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.t0_log_variance": diffusion.T0_LOG_VARIANCES,
     "training.clip_mode": gradients.CLIP_MODES,
     "training.adam_eps_style": ("tf", "optax"),
-    "sample.method": samplers.METHODS,
+    "sample.method": chains.METHODS,
     "sample.timestep_spacing": solvers.SPACINGS,
-    "training.grid_method": ("sample",) + samplers.METHODS,
+    "training.grid_method": ("sample",) + chains.METHODS,
     "sample.ddim_skip": ("uniform", "quad"),
     "model.dtype": ("float32", "bfloat16"),
 }

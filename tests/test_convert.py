@@ -23,7 +23,7 @@ from flax import nnx
 
 import ddpm_jax
 from configs import default
-from ddpm_jax import checkpointing, convert, models, train_step
+from ddpm_jax import checkpointing, convert, model_fns, train_step
 from ddpm_jax.unet import tf_variable_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +144,7 @@ def _forward(model, x, t):
 
 
 def test_cifar10_model_has_the_reference_tf_names():
-    model = nnx.eval_shape(lambda: models.create_model(cifar10_config()))
+    model = nnx.eval_shape(lambda: model_fns.create_model(cifar10_config()))
     names = tf_variable_names(model)
     assert len(names) == 328  # "The CIFAR10 model has 328 variable tensors."
     for name in ["model/temb/dense0/W", "model/conv_in/W", "model/down_1/block_0/nin_shortcut/W",
@@ -167,7 +167,7 @@ def test_cifar10_model_has_the_reference_tf_names():
 def tf_source(tmp_path_factory):
     """A small model's TF1 checkpoint: raw weights random, EMA shadows = a diffusers UNet's."""
     config = small_config()
-    model = nnx.eval_shape(lambda: models.create_model(config))
+    model = nnx.eval_shape(lambda: model_fns.create_model(config))
     torch.manual_seed(0)
     reference = UNet2DModel(**SMALL_DIFFUSERS).eval()
     with torch.no_grad():
@@ -217,7 +217,7 @@ def test_tf_import_prefers_ema_and_keeps_raw_for_training(tf_source, tf_converte
     graphdef, abstract_state = train_step.abstract_train_state(config)
     state, step = checkpointing.restore(manager, abstract_state, config)
     assert step == GLOBAL_STEP and int(state.step) == GLOBAL_STEP
-    model = nnx.eval_shape(lambda: models.create_model(config))
+    model = nnx.eval_shape(lambda: model_fns.create_model(config))
     params = leaves_by_tf_name(state.params, model)
     ema_params = leaves_by_tf_name(state.ema_params, model)
     for name in tf_source["raw"]:
@@ -239,7 +239,7 @@ def test_loaded_tf_checkpoint_denoises_like_direct_model_and_diffusers(tf_source
     x, t = random_inputs(8, (16, 16, 3), seed=2)
     got = np.asarray(tf_pipe.denoise(x, t))
 
-    abstract = nnx.eval_shape(lambda: models.create_model(tf_source["config"]))
+    abstract = nnx.eval_shape(lambda: model_fns.create_model(tf_source["config"]))
     direct = set_directly(abstract, tf_source["shadows"])
     expected = np.asarray(_forward(direct, jnp.asarray(x), jnp.asarray(t)))
     assert np.abs(expected).max() > 0.05
@@ -274,7 +274,7 @@ def test_cli_parses_flags_and_reports_errors_in_one_line(tf_source, tf_converted
 
 
 def small_shapes():
-    model = nnx.eval_shape(lambda: models.create_model(small_config()))
+    model = nnx.eval_shape(lambda: model_fns.create_model(small_config()))
     return model, convert._parameter_shapes(model)
 
 

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.samplers.
+"""Tests for ddpm_jax.chains.
 
 References: the exact (analytic) denoiser for Gaussian data, for which the sampled distribution can be
 propagated in closed form (float64 NumPy); plain Python loops over the single-step functions; and
@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ddpm_jax import diffusion as D
-from ddpm_jax import samplers as S
+from ddpm_jax import chains as S
 
 T = 1000
 # The scan body and the separately compiled single step are fused differently by XLA, so results agree to
