@@ -73,9 +73,9 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
         with workdirs.exclusive(workdir, workdirs.LOCK_NAME, "training"):
             train.train_and_evaluate(config, workdir, checkpoint)
     elif mode == "sample":
-        from ddpm_jax import sampling
+        from ddpm_jax import generate
 
-        sampling.run(config, workdir, checkpoint)
+        generate.run(config, workdir, checkpoint)
     elif mode == "eval":
         from ddpm_jax import evaluate
 

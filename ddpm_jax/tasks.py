@@ -10,7 +10,7 @@ x_0, and t0 = 0 is the image itself with no step at all.
 the inputs (image files or .npz), checks everything before writing anything, and writes
 `input.png`, `output.png`, a `strip.png` of intermediate steps, `outputs.npz` and
 `settings.json` under `workdir/samples/<task>_step<step>_seed<seed>[_t<t0>]_<hash>/` (one folder
-per distinct settings and input contents, `sampling.output_dir`). On a class-conditional model each input is
+per distinct settings and input contents, `generate.output_dir`). On a class-conditional model each input is
 edited once per label of `sample.labels` (default every class) with guidance
 `sample.guidance_scale`, one output row per label; w = 0 edits it once, unconditionally.
 """
@@ -298,13 +298,13 @@ def _to_float(images: np.ndarray) -> np.ndarray:
 
 def prepare_inputs(config) -> TaskInputs:
     """Reads and checks every input of `sample.task`; raises a one-line ValueError otherwise."""
-    from ddpm_jax import sampling
+    from ddpm_jax import generate
 
     sc, data = config.sample, config.data
     task = sc.task
     if task not in TASKS:
         raise ValueError(f"sample.task={task!r} is unknown; use one of {', '.join(TASKS)}.")
-    classes = sampling.requested_labels(config)
+    classes = generate.requested_labels(config)
     images = load_images(sc.input, data.image_size, data.channels)
     x2 = None
     if task == "interpolate":
@@ -318,14 +318,14 @@ def prepare_inputs(config) -> TaskInputs:
     mask = load_mask(sc.mask, data.image_size) if task == "inpaint" else None
     t0 = resolve_t0(config, task) if task in ("img2img", "inpaint", "interpolate") else 0
     if task != "denoise":  # denoise is one model call per step, whatever the method
-        sampling.check_method(config, start=t0)
+        generate.check_method(config, start=t0)
     steps = parse_steps(sc.denoise_steps, config.diffusion.num_timesteps) if task == "denoise" \
         else None
     num_inputs = len(images)
     labels = None
     # Each input once per requested class, class-major; w = 0 is the unconditional model, for
     # which labels make no difference.
-    if classes is not None and sampling.guidance_scale(config) != 0:
+    if classes is not None and generate.guidance_scale(config) != 0:
         labels = np.repeat(np.asarray(classes, np.int32), num_inputs)
         images = np.concatenate([images] * len(classes))
         x2 = None if x2 is None else np.concatenate([x2] * len(classes))
@@ -346,13 +346,13 @@ def run_task(config, graphdef, params, inputs: TaskInputs, key: jax.Array
              ) -> dict[str, np.ndarray]:
     """Runs `sample.task` on prepared inputs (one compiled program); returns host arrays in
     [-1, 1] by name: output, start (x_{t0}) and progress, or for denoise noised and output."""
-    from ddpm_jax import sampling
+    from ddpm_jax import generate
 
     dc, sc = config.diffusion, config.sample
     schedule = diffusion.schedule_from_config(dc)
     chain = dict(mean_type=dc.mean_type, var_type=dc.var_type, clip_denoised=sc.clip_denoised)
     task, t0 = sc.task, inputs.t0
-    method = sampling.chain_method(sc, start=t0, num_timesteps=dc.num_timesteps)
+    method = generate.chain_method(sc, start=t0, num_timesteps=dc.num_timesteps)
     calls = chains.model_calls(method, t0)
     every = _progress_every(calls) if calls > 0 else None
     weights = np.linspace(0.0, 1.0, sc.num_mix)
@@ -361,7 +361,7 @@ def run_task(config, graphdef, params, inputs: TaskInputs, key: jax.Array
         labels = np.tile(labels, len(weights))
 
     def task_fn(params, x, x2, mask, key):
-        model = sampling.make_denoise_fn(graphdef, params, config,
+        model = generate.make_denoise_fn(graphdef, params, config,
                                          None if labels is None else jnp.asarray(labels))
         if task == "img2img":
             return img2img(model, schedule, x, key, t0=t0, xstart_every=every, method=method,
@@ -446,20 +446,20 @@ def render_outputs(config, inputs: TaskInputs, results: dict[str, np.ndarray]
 def write_outputs(out_dir: str, config, inputs: TaskInputs, results: dict[str, np.ndarray],
                   settings: dict) -> None:
     """settings.json, the pictures of `render_outputs` and outputs.npz in `out_dir`."""
-    from ddpm_jax import files, images, sampling
+    from ddpm_jax import files, generate, images
 
     pictures, arrays = render_outputs(config, inputs, results)
-    sampling.write_settings(out_dir, settings)
+    generate.write_settings(out_dir, settings)
     for name, picture in pictures.items():
         images.save_png(os.path.join(out_dir, name), picture)
     files.save_npz(os.path.join(out_dir, "outputs.npz"), **arrays)
 
 
 def task_settings(config, inputs: TaskInputs, step: int) -> dict:
-    """`sampling.output_settings` for an editing task: the `config.sample` fields the task
+    """`generate.output_settings` for an editing task: the `config.sample` fields the task
     reads (t0 as resolved), and the sha256 of each input file, whose contents may change under
     the same name."""
-    from ddpm_jax import sampling
+    from ddpm_jax import generate
     from ddpm_jax.inception import _sha256
 
     sc, task = config.sample, config.sample.task
@@ -469,10 +469,10 @@ def task_settings(config, inputs: TaskInputs, step: int) -> dict:
     unused |= {"denoise_steps"} if task != "denoise" else set()
     sample = sc.to_dict()
     if task == "denoise" or sc.method == "ancestral":  # as before other methods existed
-        unused |= {"method", *(f for fields in sampling.METHOD_FIELDS.values() for f in fields)}
+        unused |= {"method", *(f for fields in generate.METHOD_FIELDS.values() for f in fields)}
     else:
-        sample = sampling.method_settings(sample)
-        sample["num_steps"] = sampling.chain_method(  # as run from t0
+        sample = generate.method_settings(sample)
+        sample["num_steps"] = generate.chain_method(  # as run from t0
             sc, start=inputs.t0, num_timesteps=config.diffusion.num_timesteps).num_steps
     sample = {k: v for k, v in sample.items() if k not in unused}
     if task == "denoise":
@@ -482,27 +482,27 @@ def task_settings(config, inputs: TaskInputs, step: int) -> dict:
     names = ["input"] + (["input2"] if task == "interpolate" else []) + (
         ["mask"] if task == "inpaint" else [])
     sample["sha256"] = {name: _sha256(sc[name]) for name in names}
-    return sampling.output_settings(config, step, 1, sample)
+    return generate.output_settings(config, step, 1, sample)
 
 
 def run(config, workdir: str, checkpoint: int | None = None) -> str:
     """`--mode=sample` with `sample.task` = img2img | inpaint | interpolate | denoise. Every input
     is checked before the checkpoint is read, so a bad input writes nothing."""
-    from ddpm_jax import parallel, sampling
+    from ddpm_jax import generate, parallel
 
     sc = config.sample
     inputs = prepare_inputs(config)
     # A task is a few images: one device, not a copy of the work on each device of the mesh.
     mesh = parallel.make_mesh(jax.local_devices()[:1])
-    graphdef, params, step = sampling.load_ema_params(config, workdir, mesh, checkpoint)
+    graphdef, params, step = generate.load_ema_params(config, workdir, mesh, checkpoint)
     name = f"{sc.task}_step{step:08d}_seed{sc.seed}"
     if sc.task in ("img2img", "inpaint", "interpolate"):
         name += f"_t{inputs.t0}"
     settings = task_settings(config, inputs, step)
-    out_dir, existed = sampling.output_dir(workdir, name, settings)
+    out_dir, existed = generate.output_dir(workdir, name, settings)
     results = run_task(config, graphdef, params, inputs, jax.random.key(sc.seed))
     if jax.process_index() == 0:
         write_outputs(out_dir, config, inputs, results, settings)
-        sampling.report_written(f"{sc.task} of {inputs.num_inputs} input(s) (step {step})",
+        generate.report_written(f"{sc.task} of {inputs.num_inputs} input(s) (step {step})",
                                 out_dir, existed)
     return out_dir

@@ -19,7 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ddpm_jax import (checkpointing, compile_cache, images, input_pipeline, optim, parallel,
-                      profiling, sampling, summaries, utilisation,
+                      profiling, generate, summaries, utilisation,
                       train_step, validate)
 from ddpm_jax.interrupt import StopSignal as _StopSignal
 
@@ -64,7 +64,7 @@ def write_sample_grid(config, workdir, writer, graphdef, state, mesh, step: int)
     batch = -(-tc.num_grid_samples // devices) * devices
     key = jax.random.fold_in(jax.random.key(config.sample.seed), step)
     progress_every = config.sample.progress_every if config.sample.method == "ancestral" else 0
-    samples, progress = next(sampling.generate_grid(
+    samples, progress = next(generate.grid_batches(
         graphdef, state.ema_params, config, mesh, batch, key, batch_size=batch,
         progress_every=progress_every))
     grid = images.make_grid(images.to_uint8(samples[:tc.num_grid_samples]))

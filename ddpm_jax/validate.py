@@ -236,7 +236,7 @@ def check_numbers(config) -> None:
     if sc.method == "ddim":
         _require(1 <= sc.ddim_steps <= dc.num_timesteps, "sample.ddim_steps", sc.ddim_steps,
                  f"in [1, diffusion.num_timesteps={dc.num_timesteps}]")
-    # The solvers' step count (sampling.check_method then checks what a spacing allows).
+    # The solvers' step count (generate.check_method then checks what a spacing allows).
     _require(sc.num_steps == 0 or 1 <= sc.num_steps <= dc.num_timesteps, "sample.num_steps",
              sc.num_steps, f"0 (the method's default) or in [1, diffusion.num_timesteps="
              f"{dc.num_timesteps}]")
@@ -244,9 +244,9 @@ def check_numbers(config) -> None:
 
 def check_sample_settings(config) -> None:
     """Labels, guidance and the editing task's settings parse and fit the model."""
-    from ddpm_jax import sampling, tasks
+    from ddpm_jax import generate, tasks
 
-    sampling.requested_labels(config)
+    generate.requested_labels(config)
     task = config.sample.task  # an unknown one is reported by tasks.prepare_inputs
     if task in ("img2img", "inpaint", "interpolate"):
         tasks.resolve_t0(config, task)
@@ -355,8 +355,8 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
     if mode == "train" and config.training.sample_every:
         # The grid sampler fails now, not at the first grid (sampling imports models, which
         # imports this module, hence the local import).
-        from ddpm_jax import sampling
+        from ddpm_jax import generate
 
-        sampling.check_method(sampling.grid_config(config))
+        generate.check_method(generate.grid_config(config))
     if mode == "eval":
         check_eval_inputs(config.eval)

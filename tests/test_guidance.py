@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import cifar10, cifar10_cond, digits_cond, mnist_cond
-from ddpm_jax import chains, diffusion, main, model_fns, sampling, train_step, unet
+from ddpm_jax import chains, diffusion, generate, main, model_fns, train_step, unet
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +205,7 @@ def test_label_outside_the_classes_is_one_error(tmp_path):
         _assert_one_line_error_and_nothing_written(config, tmp_path, "outside the model's classes")
     config.sample.labels = "3"
     with pytest.raises(ValueError, match="labels must lie in"):
-        next(sampling.generate(None, None, config, None, 2, jax.random.key(0),
+        next(generate.batches(None, None, config, None, 2, jax.random.key(0),
                                labels=np.array([3, 12])))
 
 

@@ -2,7 +2,7 @@
 the editing tasks and the training grids.
 
 What `--mode=sample` and `Pipeline.sample` make is compared with the solvers and samplers
-called directly on the x_T each device draws (`sampling`'s keying: device d of call c uses
+called directly on the x_T each device draws (`generate`'s keying: device d of call c uses
 split(fold_in(fold_in(key, c), d))), and the editing tasks with the closed-form
 probability-flow ODE map of Gaussian data."""
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import (api, checkpointing, diffusion, images, model_fns, parallel, chains,
-                      sampling, solvers, tasks, train_step)
+                      generate, solvers, tasks, train_step)
 from helpers import tiny_config
 
 NUM_DEVICES = 8
@@ -48,7 +48,7 @@ def unconditional():
 
 
 def _device_keys(key, call=0):
-    """(noise key, loop key) of each device for call `call`, as `sampling.make_sample_fn`."""
+    """(noise key, loop key) of each device for call `call`, as `generate.make_sample_fn`."""
     call_key = jax.random.fold_in(key, call)
     return [jax.random.split(jax.random.fold_in(call_key, d)) for d in range(NUM_DEVICES)]
 
@@ -97,7 +97,7 @@ def test_mode_sample_writes_the_solver_on_each_device_x_T(tmp_path, method, orde
     checkpointing.save(manager, 1, state, config)
     manager.wait_until_finished()
 
-    out_dir = sampling.run(config, workdir)
+    out_dir = generate.run(config, workdir)
     assert os.path.basename(out_dir).startswith(f"{method}_step00000001_seed0_")
     saved = np.load(os.path.join(out_dir, "samples.npz"))["images"]
     x_T = _device_x_T(jax.random.key(config.sample.seed), (2, 8, 8, 1))
@@ -186,7 +186,7 @@ def test_guided_solver_sampling_on_the_mesh_uses_each_samples_label():
     pipe = api.Pipeline(config, graphdef, params, 1, parallel.make_mesh())
     x_T = np.random.default_rng(4).standard_normal((16, 8, 8, 1)).astype(np.float32)
     out = pipe.sample(16, 0, noise=x_T, output="float")
-    labels, _ = sampling.labels_per_sample(list(range(10)), 16)
+    labels, _ = generate.labels_per_sample(list(range(10)), 16)
     expected = np.concatenate([
         _direct_one(config, model_fns.guided_denoise_fn(graphdef, params, labels[2 * d:2 * d + 2],
                                                      3.0), x_T[2 * d:2 * d + 2])
@@ -313,7 +313,7 @@ def test_settings_of_other_solver_settings_differ_and_ddim_alias_matches():
     def settings(**sample):
         config = tiny_config()
         config.sample.update(sample)
-        return sampling.generate_settings(config, 1, 8)
+        return generate.generate_settings(config, 1, 8)
 
     base = settings(method="dpm_solver", num_steps=5)
     for change in (dict(solver_order=3), dict(timestep_spacing="trailing"), dict(num_steps=6),
@@ -334,7 +334,7 @@ PAPER_CONFIGS = ("cifar10", "cifar10_cond", "celebahq256", "lsun_bedroom", "lsun
 @pytest.mark.parametrize("name", SMALL_CONFIGS + PAPER_CONFIGS)
 def test_training_grids_use_dpm_solver_in_small_configs_and_ancestral_in_paper_configs(name):
     config = importlib.import_module(f"configs.{name}").get_config()
-    grid = sampling.chain_method(sampling.grid_config(config).sample)
+    grid = generate.chain_method(generate.grid_config(config).sample)
     if name in SMALL_CONFIGS:
         assert (grid.name, grid.num_steps, grid.order) == ("dpm_solver", 25, 2)
     else:
@@ -348,7 +348,7 @@ def test_training_grid_is_the_solver_on_each_device_x_T(unconditional):
     config.training.grid_method, config.training.grid_steps = "dpm_solver", 6
     config.sample.timestep_spacing = "linspace"
     key = jax.random.key(5)
-    samples, progress = next(sampling.generate_grid(
+    samples, progress = next(generate.grid_batches(
         graphdef, params, config, parallel.make_mesh(), 16, key, batch_size=16,
         progress_every=5))
     solver_config = _solver_config("dpm_solver", steps=6, spacing="linspace")
@@ -362,7 +362,7 @@ def test_training_grid_is_the_solver_on_each_device_x_T(unconditional):
 def test_training_grid_of_a_short_schedule_takes_the_steps_it_allows():
     config = tiny_config()  # T = 20: a 25-call grid cannot fit
     config.training.grid_method = "dpm_solver"
-    method = sampling.check_method(sampling.grid_config(config))
+    method = generate.check_method(generate.grid_config(config))
     table = diffusion.schedule_from_config(config.diffusion).alphas_cumprod
     assert method.num_steps < 20
     with pytest.raises(ValueError):  # one more does not fit the logsnr grid
@@ -373,12 +373,12 @@ def test_editing_default_steps_take_the_share_of_the_chain_they_run():
     config = _solver_config("dpm_solver", steps=0, spacing="logsnr")
     config.diffusion.num_timesteps = 1000
     # The full chain's default 25 calls do not fit logsnr from t0 = 500 (at most 23 there).
-    method = sampling.check_method(config, start=500)
+    method = generate.check_method(config, start=500)
     assert method.num_steps == 13  # ⌈25 · 500 / 1000⌉
     config.sample.num_steps = 25
     with pytest.raises(ValueError, match="from paper step 500: num_steps=25 with spacing "
                                          "'logsnr' repeats timesteps of the 500-step schedule"):
-        sampling.check_method(config, start=500)
+        generate.check_method(config, start=500)
 
 
 def test_a_grid_sampler_the_model_cannot_take_stops_training_before_it_starts(tmp_path):

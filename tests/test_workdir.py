@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ddpm_jax import main, sampling
+from ddpm_jax import generate, main
 from ddpm_jax import workdir as workdirs
 from helpers import Watched, tiny_config, tiny_config_file, trained_workdir
 
@@ -176,7 +176,7 @@ def _fails_with(mode, workdir, capsys, monkeypatch) -> str:
     def no_compute(*args, **kwargs):
         raise AssertionError("sampled before checking the workdir")
 
-    monkeypatch.setattr(sampling, "generate", no_compute)
+    monkeypatch.setattr(generate, "batches", no_compute)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main.run_or_exit(mode, tiny_config(), workdir)

@@ -251,7 +251,7 @@ def check_noise(config, num_samples: int, noise) -> np.ndarray:
     return noise
 
 
-def generate(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
+def batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
              num_samples: int, key: jax.Array, *, batch_size: int | None = None,
              method: str | None = None, progress_every: int = 0, first_call: int = 0,
              labels: np.ndarray | None = None, sample_fn: Callable | None = None,
@@ -324,17 +324,17 @@ def grid_config(config):
     return grid
 
 
-def generate_grid(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
+def grid_batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
                   num_samples: int, key: jax.Array, *, batch_size: int, progress_every: int = 0
                   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """`generate` for a training grid (`grid_config`). `progress_every` counts ancestral steps;
+    """`batches` for a training grid (`grid_config`). `progress_every` counts ancestral steps;
     a faster method keeps x̂_0 at the same fraction of its chain (every ⌈k·S/T⌉ model calls)."""
     grid = grid_config(config)
     chosen = check_method(grid)
     if progress_every and chosen.name != "ancestral":
         progress_every = max(1, -(-progress_every * chosen.num_steps
                                   // config.diffusion.num_timesteps))
-    return generate(graphdef, params, grid, mesh, num_samples, key, batch_size=batch_size,
+    return batches(graphdef, params, grid, mesh, num_samples, key, batch_size=batch_size,
                     progress_every=progress_every)
 
 
@@ -473,7 +473,7 @@ def run(config, workdir: str, checkpoint: int | None = None) -> str:
     progress_every = sc.progress_every if sc.method == "ancestral" else 0
     key = jax.random.key(sc.seed)
     all_samples, first_progress = [], None
-    for samples, progress in generate(graphdef, params, config, mesh, sc.num_samples, key,
+    for samples, progress in batches(graphdef, params, config, mesh, sc.num_samples, key,
                                       progress_every=progress_every, labels=labels):
         all_samples.append(images.to_uint8(samples))
         if first_progress is None:
