@@ -83,7 +83,7 @@ class Pipeline:
         self.params = params
         self.step = step
         self.mesh = mesh
-        self._apply = jax.jit(lambda p, x, t: model_fns.denoise_fn(graphdef, p)(x, t))
+        self._apply = jax.jit(lambda p, x, t: model_fns.model_fn(graphdef, p)(x, t))
         self._sample_fns: dict[tuple, Any] = {}
 
     @property

@@ -1,8 +1,8 @@
 """Compiled samplers: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021).
 
 Each sampler is one ``lax.scan`` over the reverse steps (no Python loop per step, no host
-round-trip), so ``jax.jit(lambda x, k: ancestral_sample(denoise_fn, schedule, x, k, ...))``
-compiles the whole chain into a single program. ``denoise_fn(x, t) -> model_output`` takes
+round-trip), so ``jax.jit(lambda x, k: ancestral_sample(model_fn, schedule, x, k, ...))``
+compiles the whole chain into a single program. ``model_fn(x, t) -> model_output`` takes
 x [B, H, W, C] and int32 t [B]. The per-step functions ``p_sample`` and ``ddim_step`` are pure
 in (model output, noise) so they can be tested against other implementations.
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.diffusion import (
-    DenoiseFn,
+    ModelFn,
     Schedule,
     extract,
     p_mean_variance,
@@ -81,7 +81,7 @@ def p_sample(
 
 
 def ancestral_sample(
-    denoise_fn: DenoiseFn,
+    model_fn: ModelFn,
     schedule: Schedule,
     x_T: jax.Array,
     key: jax.Array,
@@ -111,7 +111,7 @@ def ancestral_sample(
     def step(carry, t):
         x, progress = carry
         t_batch = jnp.full((batch,), t, dtype=jnp.int32)
-        model_output = denoise_fn(x, t_batch)
+        model_output = model_fn(x, t_batch)
         x_prev, pred_xstart = p_sample(
             schedule,
             model_output,
@@ -222,7 +222,7 @@ def ddim_step(
 
 
 def ddim_sample(
-    denoise_fn: DenoiseFn,
+    model_fn: ModelFn,
     schedule: Schedule,
     x_T: jax.Array,
     key: jax.Array,
@@ -255,7 +255,7 @@ def ddim_sample(
         t = timesteps[index]
         t_batch = jnp.full((batch,), t, dtype=jnp.int32)
         t_prev_batch = jnp.full((batch,), previous_timesteps[index], dtype=jnp.int32)
-        model_output = denoise_fn(x, t_batch)
+        model_output = model_fn(x, t_batch)
         noise = jnp.zeros_like(x) if deterministic else _step_noise(key, t, x)
         x_prev, pred_xstart = ddim_step(
             schedule,
@@ -331,7 +331,7 @@ def model_calls(method: Method, start: int) -> int:
 
 def run_chain(
     method: Method,
-    denoise_fn: DenoiseFn,
+    model_fn: ModelFn,
     schedule: Schedule,
     x_t: jax.Array,
     key: jax.Array,
@@ -355,11 +355,11 @@ def run_chain(
     check_start(method, start)
     if method.name == "ancestral" or start == 0:  # start 0: no step, x_t is returned
         hook = None if after_step is None else (lambda x_prev, t: after_step(x_prev, t - 1))
-        return ancestral_sample(denoise_fn, schedule, x_t, key, mean_type=mean_type,
+        return ancestral_sample(model_fn, schedule, x_t, key, mean_type=mean_type,
                                 var_type=var_type, clip_denoised=clip_denoised,
                                 xstart_every=xstart_every, num_steps=start, after_step=hook)
     if method.name == "ddim":
-        return ddim_sample(denoise_fn, schedule, x_t, key,
+        return ddim_sample(model_fn, schedule, x_t, key,
                            timesteps=ddim_timesteps(start, method.num_steps, method.ddim_skip),
                            eta=method.ddim_eta, mean_type=mean_type, clip_denoised=clip_denoised,
                            xstart_every=xstart_every, after_step=after_step)
@@ -372,6 +372,6 @@ def run_chain(
     check_mean_type(method, mean_type)
     solve = solvers.dpm_solver_sample if method.name == "dpm_solver" else solvers.unipc_sample
     table = np.asarray(schedule.alphas_cumprod)[:start]
-    return solve(denoise_fn, table, x_t, num_steps=method.num_steps, order=method.order,
+    return solve(model_fn, table, x_t, num_steps=method.num_steps, order=method.order,
                  spacing=method.spacing, clip_denoised=clip_denoised, xstart_every=xstart_every,
                  after_step=after_step)

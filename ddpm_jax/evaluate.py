@@ -494,7 +494,7 @@ def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str
     ec, dc = config.eval, config.diffusion
 
     def denoise(params, x, t):
-        return model_fns.denoise_fn(graphdef, params)(x, t)
+        return model_fns.model_fn(graphdef, params)(x, t)
 
     bpd_fn = make_bpd_fn(denoise, diffusion.schedule_from_config(dc), mesh,
                          mean_type=dc.mean_type, var_type=dc.var_type,

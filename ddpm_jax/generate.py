@@ -7,7 +7,7 @@ on the same device count. Batches larger than one call are generated in consecut
 keyed `fold_in(key, call index)`.
 
 Class-conditional models (`model.num_classes > 1`) sample each image for a requested label
-with classifier-free guidance `sample.guidance_scale` (`model_fns.guided_denoise_fn`: one batched
+with classifier-free guidance `sample.guidance_scale` (`model_fns.guided_model_fn`: one batched
 model call per step, in every sampler); `--mode=sample` writes one grid row per class.
 """
 
@@ -75,19 +75,19 @@ def labels_per_sample(classes: list[int], num_samples: int) -> tuple[np.ndarray,
     return labels, per_row
 
 
-def make_denoise_fn(graphdef: nnx.GraphDef, params: model_fns.Params, config,
+def sampling_model_fn(graphdef: nnx.GraphDef, params: model_fns.Params, config,
                     labels: jax.Array | None) -> Callable:
     """The sampler's `(x, t) -> output`: plain for unconditional models; for conditional ones the
     guided output, with w = 0 (unconditional) and w = 1 (conditional) in a single-batch call,
     which `model_fns.guide` shows to give the same numbers."""
     if not unet.is_conditional(config.model.num_classes):
-        return model_fns.denoise_fn(graphdef, params)
+        return model_fns.model_fn(graphdef, params)
     w = guidance_scale(config)
     if w == 0:
-        return model_fns.denoise_fn(graphdef, params, None)
+        return model_fns.model_fn(graphdef, params, None)
     if w == 1:
-        return model_fns.denoise_fn(graphdef, params, labels)
-    return model_fns.guided_denoise_fn(graphdef, params, labels, w)
+        return model_fns.model_fn(graphdef, params, labels)
+    return model_fns.guided_model_fn(graphdef, params, labels, w)
 
 
 DEFAULT_SOLVER_STEPS = 25  # dpm_solver / unipc when sample.num_steps = 0
@@ -170,8 +170,8 @@ def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, 
         noise_key, loop_key = jax.random.split(key)
         if x_T is None:
             x_T = jax.random.normal(noise_key, shape, jnp.float32)
-        denoise = make_denoise_fn(graphdef, params, config, labels)
-        return chains.run_chain(chosen, denoise, schedule, x_T, loop_key,
+        model_fn = sampling_model_fn(graphdef, params, config, labels)
+        return chains.run_chain(chosen, model_fn, schedule, x_T, loop_key,
                                 mean_type=dc.mean_type, var_type=dc.var_type,
                                 clip_denoised=sc.clip_denoised, xstart_every=xstart_every)
 

@@ -28,7 +28,7 @@ def model_info(config, *, flops: bool = True) -> dict:
         t = jax.ShapeDtypeStruct((1,), jnp.int32)
 
         def forward(params, x, t):
-            return model_fns.denoise_fn(graphdef, params)(x, t)
+            return model_fns.model_fn(graphdef, params)(x, t)
 
         compiled = jax.jit(forward).lower(params, x, t).compile()
         cost = compiled.cost_analysis()

@@ -1,7 +1,7 @@
 """Builds the configured UNet and turns it into a pure function of a parameter pytree.
 
 Training, sampling, evaluation and the importers all hold parameters as a plain nested dict of
-arrays (what Orbax saves); `denoise_fn` merges them back into the NNX module under `jit`.
+arrays (what Orbax saves); `model_fn` merges them back into the NNX module under `jit`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def merge(graphdef: nnx.GraphDef, params: Params) -> unet.UNet:
     return nnx.merge(graphdef, state)
 
 
-def denoise_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array | None = None
+def model_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array | None = None
                ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """`(x_t, t) -> model output` with dropout off, as used by every sampler and the bound.
 
@@ -96,12 +96,12 @@ def guide(cond_output: jax.Array, uncond_output: jax.Array, guidance_scale: floa
     return jnp.concatenate([mean_part, cond_output[..., channels:]], axis=-1)
 
 
-def guided_denoise_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array,
+def guided_model_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array,
                       guidance_scale: float | jax.Array
                       ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """`(x_t, t) -> guided model output` of a class-conditional model, in ONE batched model call
     per step: the UNet sees concat([x, x]) with labels concat([y, null]) and the two halves are
-    combined by `guide`. Works in any sampler that takes a `denoise_fn`."""
+    combined by `guide`. Works in any sampler that takes a `model_fn`."""
     model = merge(graphdef, params)
     if not unet.is_conditional(model.num_classes):
         raise ValueError(

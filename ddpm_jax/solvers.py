@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ddpm_jax.diffusion import DenoiseFn
+from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.chains import _num_progress_slots, _record_xstart
 
 SPACINGS = ("linspace", "leading", "trailing", "logsnr")
@@ -235,7 +235,7 @@ def _grid(alphas_cumprod: ArrayLike, num_steps: int, spacing: str, final_timeste
 
 
 def _multistep_scan(
-    eps_fn: DenoiseFn,
+    eps_fn: ModelFn,
     x_T: jax.Array,
     timesteps: np.ndarray,
     alpha: np.ndarray,
@@ -303,7 +303,7 @@ def _multistep_scan(
 
 
 def dpm_solver_sample(
-    eps_fn: DenoiseFn,
+    eps_fn: ModelFn,
     alphas_cumprod: ArrayLike,
     x_T: jax.Array,
     *,
@@ -341,7 +341,7 @@ def dpm_solver_sample(
 
 
 def unipc_sample(
-    eps_fn: DenoiseFn,
+    eps_fn: ModelFn,
     alphas_cumprod: ArrayLike,
     x_T: jax.Array,
     *,

@@ -1,6 +1,7 @@
 """Editing with a trained DDPM: img2img (SDEdit), inpainting, interpolation and one-step denoising.
 
-The four tasks are pure functions over arrays, like `chains.py`: a `denoise_fn(x, t)`, the
+The four tasks (img2img, inpaint, interpolate, one_step_denoise) are pure functions over
+arrays, like `chains.py`: a `model_fn(x, t)`, the
 `Schedule`, images in [-1, 1] (NHWC) and a key. Timesteps follow the package's convention
 (code index t = 0..T-1 is the paper's step t+1); a task's start `t0` counts *paper* steps:
 x_{t0} = q_sample(x_0, code index t0 - 1), then `t0` reverse steps (code t0-1..0) bring it back to
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import chains, diffusion
-from ddpm_jax.diffusion import DenoiseFn, Schedule
+from ddpm_jax.diffusion import ModelFn, Schedule
 
 TASKS = ("generate", "img2img", "inpaint", "interpolate", "denoise")
 
@@ -54,17 +55,17 @@ def noise_to_step(schedule: Schedule, x_start: jax.Array, t0: int, noise: jax.Ar
     return diffusion.q_sample(schedule, x_start, _code_index(t0, x_start.shape[0]), noise)
 
 
-def _reverse_chain(denoise_fn, schedule, x_t, key, t0, *, method, mean_type, var_type,
+def _reverse_chain(model_fn, schedule, x_t, key, t0, *, method, mean_type, var_type,
                    clip_denoised, xstart_every, after_step=None
                    ) -> tuple[jax.Array, jax.Array | None]:
     out = chains.run_chain(
-        method, denoise_fn, schedule, x_t, key, start=t0, mean_type=mean_type,
+        method, model_fn, schedule, x_t, key, start=t0, mean_type=mean_type,
         var_type=var_type, clip_denoised=clip_denoised, xstart_every=xstart_every,
         after_step=after_step)
     return out if xstart_every else (out, None)
 
 
-def img2img(denoise_fn: DenoiseFn, schedule: Schedule, x_start: jax.Array, key: jax.Array, *,
+def img2img(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, key: jax.Array, *,
             t0: int, mean_type: str = "eps", var_type: str = "fixedlarge",
             clip_denoised: bool = True, xstart_every: int | None = None,
             method: chains.Method = chains.Method()) -> EditResult:
@@ -76,12 +77,12 @@ def img2img(denoise_fn: DenoiseFn, schedule: Schedule, x_start: jax.Array, key: 
     noise_key, loop_key = jax.random.split(key)
     x_t = noise_to_step(schedule, x_start, t0, jax.random.normal(noise_key, x_start.shape))
     output, progress = _reverse_chain(
-        denoise_fn, schedule, x_t, loop_key, t0, mean_type=mean_type, var_type=var_type,
+        model_fn, schedule, x_t, loop_key, t0, mean_type=mean_type, var_type=var_type,
         clip_denoised=clip_denoised, xstart_every=xstart_every, method=method)
     return EditResult(output, x_t, progress)
 
 
-def inpaint(denoise_fn: DenoiseFn, schedule: Schedule, x_known: jax.Array, mask: jax.Array,
+def inpaint(model_fn: ModelFn, schedule: Schedule, x_known: jax.Array, mask: jax.Array,
             key: jax.Array, *, t0: int | None = None, mean_type: str = "eps",
             var_type: str = "fixedlarge", clip_denoised: bool = True,
             xstart_every: int | None = None,
@@ -116,7 +117,7 @@ def inpaint(denoise_fn: DenoiseFn, schedule: Schedule, x_known: jax.Array, mask:
         return jnp.where(mask, x, known)
 
     output, progress = _reverse_chain(
-        denoise_fn, schedule, x_t, loop_key, t0, mean_type=mean_type, var_type=var_type,
+        model_fn, schedule, x_t, loop_key, t0, mean_type=mean_type, var_type=var_type,
         clip_denoised=clip_denoised, xstart_every=xstart_every, after_step=reimpose_known,
         method=method)
     if t0 == 0:
@@ -124,7 +125,7 @@ def inpaint(denoise_fn: DenoiseFn, schedule: Schedule, x_known: jax.Array, mask:
     return EditResult(output, x_t, progress)
 
 
-def interpolate(denoise_fn: DenoiseFn, schedule: Schedule, x1: jax.Array, x2: jax.Array,
+def interpolate(model_fn: ModelFn, schedule: Schedule, x1: jax.Array, x2: jax.Array,
                 key: jax.Array, *, t0: int, mix_weights: jax.Array | np.ndarray,
                 mean_type: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,
                 xstart_every: int | None = None,
@@ -150,15 +151,15 @@ def interpolate(denoise_fn: DenoiseFn, schedule: Schedule, x1: jax.Array, x2: ja
     num_mix, batch = mixed.shape[:2]
     flat = mixed.reshape((num_mix * batch,) + mixed.shape[2:])
     output, progress = _reverse_chain(
-        denoise_fn, schedule, flat, loop_key, t0, mean_type=mean_type, var_type=var_type,
+        model_fn, schedule, flat, loop_key, t0, mean_type=mean_type, var_type=var_type,
         clip_denoised=clip_denoised, xstart_every=xstart_every, method=method)
     return EditResult(output.reshape(mixed.shape), mixed, progress)
 
 
-def denoise(denoise_fn: DenoiseFn, schedule: Schedule, x_start: jax.Array, key: jax.Array, *,
-            timesteps: np.ndarray | list[int], mean_type: str = "eps",
-            var_type: str = "fixedlarge", clip_denoised: bool = True
-            ) -> tuple[jax.Array, jax.Array]:
+def one_step_denoise(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array,
+                     key: jax.Array, *, timesteps: np.ndarray | list[int],
+                     mean_type: str = "eps", var_type: str = "fixedlarge",
+                     clip_denoised: bool = True) -> tuple[jax.Array, jax.Array]:
     """What the model sees and predicts: for each code index t in `timesteps`, x_t = q_sample(
     x_0, t, ε) and the one-step prediction x̂_0(x_t, t), for eps models
     x̂_0 = (x_t − √(1 − ᾱ_t) ε_θ) / √ᾱ_t (Eq. 15), clipped to [−1, 1] if `clip_denoised`.
@@ -178,7 +179,7 @@ def denoise(denoise_fn: DenoiseFn, schedule: Schedule, x_start: jax.Array, key: 
         noise = jax.random.normal(jax.random.fold_in(key, t), x_start.shape)
         x_t = diffusion.q_sample(schedule, x_start, t_batch, noise)
         out = diffusion.p_mean_variance(
-            schedule, denoise_fn(x_t, t_batch), x_t, t_batch, mean_type=mean_type,
+            schedule, model_fn(x_t, t_batch), x_t, t_batch, mean_type=mean_type,
             var_type=var_type, clip_denoised=clip_denoised)
         return x_t, out.pred_xstart
 
@@ -361,7 +362,7 @@ def run_task(config, graphdef, params, inputs: TaskInputs, key: jax.Array
         labels = np.tile(labels, len(weights))
 
     def task_fn(params, x, x2, mask, key):
-        model = generate.make_denoise_fn(graphdef, params, config,
+        model = generate.sampling_model_fn(graphdef, params, config,
                                          None if labels is None else jnp.asarray(labels))
         if task == "img2img":
             return img2img(model, schedule, x, key, t0=t0, xstart_every=every, method=method,
@@ -372,7 +373,7 @@ def run_task(config, graphdef, params, inputs: TaskInputs, key: jax.Array
         if task == "interpolate":
             return interpolate(model, schedule, x, x2, key, t0=t0, mix_weights=weights,
                                xstart_every=every, method=method, **chain)
-        return denoise(model, schedule, x, key, timesteps=inputs.steps, **chain)
+        return one_step_denoise(model, schedule, x, key, timesteps=inputs.steps, **chain)
 
     if task not in TASKS[1:]:
         raise ValueError(f"sample.task={task!r} is not an editing task.")

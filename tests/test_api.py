@@ -36,7 +36,7 @@ def test_denoise_takes_floats_and_timesteps_in_range(conditional):
     T = config.diffusion.num_timesteps
     x = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
     t = np.arange(8, dtype=np.int32) + T - 8
-    expected = model_fns.denoise_fn(pipe.graphdef, pipe.params)(x, t)
+    expected = model_fns.model_fn(pipe.graphdef, pipe.params)(x, t)
     np.testing.assert_allclose(np.asarray(pipe.denoise(x, t)), np.asarray(expected), atol=1e-5)
 
     for bad_t, message in ((-1, "timestep -1 is outside the model's 0..19"),

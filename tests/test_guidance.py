@@ -54,15 +54,15 @@ def test_guidance_scale_0_and_1_are_the_unconditional_and_conditional_prediction
     cond, uncond = both[:4], both[4:]
     assert float(jnp.abs(cond - uncond).max()) > 0.05  # the label matters, so w can be told apart
 
-    guided = {w: model_fns.guided_denoise_fn(graphdef, params, y, w)(x, t) for w in (0.0, 1.0, 3.0)}
+    guided = {w: model_fns.guided_model_fn(graphdef, params, y, w)(x, t) for w in (0.0, 1.0, 3.0)}
     np.testing.assert_array_equal(guided[0.0], uncond)
     np.testing.assert_array_equal(guided[1.0], cond)
     np.testing.assert_allclose(guided[3.0], uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
 
     # Against separate batch-B calls: XLA (oneDNN) picks other convolution kernels for batch 4
     # than for batch 8, so these agree to float32 rounding (observed ≤ 2e-6), not bit for bit.
-    separate_uncond = model_fns.denoise_fn(graphdef, params, None)(x, t)
-    separate_cond = model_fns.denoise_fn(graphdef, params, y)(x, t)
+    separate_uncond = model_fns.model_fn(graphdef, params, None)(x, t)
+    separate_cond = model_fns.model_fn(graphdef, params, y)(x, t)
     np.testing.assert_allclose(guided[0.0], separate_uncond, atol=1e-5, rtol=0)
     np.testing.assert_allclose(guided[1.0], separate_cond, atol=1e-5, rtol=0)
 
@@ -92,9 +92,9 @@ def test_both_samplers_take_the_guided_model(perturbed_model):
                                          var_type="fixedlarge")
 
     for method in ("ddim", "ancestral"):
-        plain = run(model_fns.denoise_fn(graphdef, params, y), method)
-        guided1 = run(model_fns.guided_denoise_fn(graphdef, params, y, 1.0), method)
-        guided3 = run(model_fns.guided_denoise_fn(graphdef, params, y, 3.0), method)
+        plain = run(model_fns.model_fn(graphdef, params, y), method)
+        guided1 = run(model_fns.guided_model_fn(graphdef, params, y, 1.0), method)
+        guided3 = run(model_fns.guided_model_fn(graphdef, params, y, 3.0), method)
         np.testing.assert_allclose(guided1, plain, atol=1e-4, rtol=0)
         assert float(jnp.abs(guided3 - plain).max()) > 1e-2
 
@@ -195,7 +195,7 @@ def test_guidance_or_labels_on_an_unconditional_model_is_one_error(tmp_path):
     config.sample.labels = "3"
     _assert_one_line_error_and_nothing_written(config, tmp_path, "needs a class-conditional model")
     with pytest.raises(ValueError, match="class-conditional"):
-        model_fns.guided_denoise_fn(*model_fns.abstract_params(config), jnp.zeros(2, jnp.int32), 3.0)
+        model_fns.guided_model_fn(*model_fns.abstract_params(config), jnp.zeros(2, jnp.int32), 3.0)
 
 
 def test_label_outside_the_classes_is_one_error(tmp_path):

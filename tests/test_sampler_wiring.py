@@ -101,7 +101,7 @@ def test_mode_sample_writes_the_solver_on_each_device_x_T(tmp_path, method, orde
     assert os.path.basename(out_dir).startswith(f"{method}_step00000001_seed0_")
     saved = np.load(os.path.join(out_dir, "samples.npz"))["images"]
     x_T = _device_x_T(jax.random.key(config.sample.seed), (2, 8, 8, 1))
-    expected = _direct(config, model_fns.denoise_fn(graphdef, params), x_T)
+    expected = _direct(config, model_fns.model_fn(graphdef, params), x_T)
     # uint8 rounding: batch-2 calls here vs the mesh's may round a pixel across a .5 boundary.
     assert np.abs(saved.astype(int) - images.to_uint8(expected).astype(int)).max() <= 1
     assert np.mean(saved == images.to_uint8(expected)) > 0.99
@@ -120,7 +120,7 @@ def test_api_noise_starts_every_method_from_the_given_x_T(unconditional, method)
     run_config.sample.method, run_config.sample.num_steps = method, steps or 20
     run_config.sample.timestep_spacing = "logsnr"
     loop_keys = [loop_key for _, loop_key in _device_keys(jax.random.key(3))]
-    expected = _direct(run_config, model_fns.denoise_fn(graphdef, params), x_T, loop_keys)
+    expected = _direct(run_config, model_fns.model_fn(graphdef, params), x_T, loop_keys)
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
     other_key = pipe.sample(16, 4, method=method, num_steps=steps, noise=x_T, output="float")
     if method == "ancestral":  # the step noise still comes from the key
@@ -165,14 +165,14 @@ def test_solvers_take_the_guided_model(solver):
     def run(denoise):
         return np.asarray(solver(denoise, schedule.alphas_cumprod, x, num_steps=6))
 
-    plain_cond = run(model_fns.denoise_fn(graphdef, params, y))
-    plain_uncond = run(model_fns.denoise_fn(graphdef, params, None))
+    plain_cond = run(model_fns.model_fn(graphdef, params, y))
+    plain_uncond = run(model_fns.model_fn(graphdef, params, None))
     assert np.abs(plain_cond - plain_uncond).max() > 1e-2
-    np.testing.assert_allclose(run(model_fns.guided_denoise_fn(graphdef, params, y, 1.0)),
+    np.testing.assert_allclose(run(model_fns.guided_model_fn(graphdef, params, y, 1.0)),
                                plain_cond, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(run(model_fns.guided_denoise_fn(graphdef, params, y, 0.0)),
+    np.testing.assert_allclose(run(model_fns.guided_model_fn(graphdef, params, y, 0.0)),
                                plain_uncond, atol=1e-4, rtol=0)
-    guided = run(model_fns.guided_denoise_fn(graphdef, params, y, 3.0))
+    guided = run(model_fns.guided_model_fn(graphdef, params, y, 3.0))
     assert min(np.abs(guided - plain_cond).max(), np.abs(guided - plain_uncond).max()) > 1e-2
 
 
@@ -188,7 +188,7 @@ def test_guided_solver_sampling_on_the_mesh_uses_each_samples_label():
     out = pipe.sample(16, 0, noise=x_T, output="float")
     labels, _ = generate.labels_per_sample(list(range(10)), 16)
     expected = np.concatenate([
-        _direct_one(config, model_fns.guided_denoise_fn(graphdef, params, labels[2 * d:2 * d + 2],
+        _direct_one(config, model_fns.guided_model_fn(graphdef, params, labels[2 * d:2 * d + 2],
                                                      3.0), x_T[2 * d:2 * d + 2])
         for d in range(NUM_DEVICES)])
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
@@ -352,7 +352,7 @@ def test_training_grid_is_the_solver_on_each_device_x_T(unconditional):
         graphdef, params, config, parallel.make_mesh(), 16, key, batch_size=16,
         progress_every=5))
     solver_config = _solver_config("dpm_solver", steps=6, spacing="linspace")
-    expected = _direct(solver_config, model_fns.denoise_fn(graphdef, params),
+    expected = _direct(solver_config, model_fns.model_fn(graphdef, params),
                        _device_x_T(key, (2, 8, 8, 1)))
     np.testing.assert_allclose(samples, expected, atol=2e-5, rtol=0)
     # progress_every = 5 of T = 20 ancestral steps is every ⌈5·6/20⌉ = 2 of the 6 model calls.

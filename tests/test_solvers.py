@@ -113,7 +113,7 @@ def unet_eps():
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda p: jnp.asarray(p + 0.05 * rng.standard_normal(p.shape), jnp.float32),
                           params)
-    eps_fn = model_fns.denoise_fn(graphdef, params)
+    eps_fn = model_fns.model_fn(graphdef, params)
     apply = jax.jit(eps_fn)
 
     def numpy_eps(x: np.ndarray, t: int) -> np.ndarray:

@@ -27,20 +27,20 @@ def schedule():
 def smooth_eps(schedule):
     """A fixed, non-trivial ε-model: any function of (x_t, t) will do for these properties."""
 
-    def denoise_fn(x, t):
+    def model_fn(x, t):
         return 0.5 * jnp.tanh(x) + 0.01 * t.astype(jnp.float32)[:, None, None, None]
 
-    return denoise_fn
+    return model_fn
 
 
 def oracle_eps(schedule, x_start):
     """ε(x_t, t) = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t): a model that knows x_0, so x̂_0 = x_0."""
 
-    def denoise_fn(x, t):
+    def model_fn(x, t):
         alpha_bar = diffusion.extract(schedule.alphas_cumprod, t, x.ndim)
         return (x - jnp.sqrt(alpha_bar) * x_start) / jnp.sqrt(1.0 - alpha_bar)
 
-    return denoise_fn
+    return model_fn
 
 
 def images(seed, shape=(4, 8, 8, 1)):
@@ -108,7 +108,7 @@ def test_denoise_is_the_one_step_x0_prediction(schedule):
     x = images(7)
     steps = [0, 10, 49]
     model = smooth_eps(schedule)
-    x_t, pred = tasks.denoise(model, schedule, x, jax.random.key(0), timesteps=steps,
+    x_t, pred = tasks.one_step_denoise(model, schedule, x, jax.random.key(0), timesteps=steps,
                               clip_denoised=False)
     assert x_t.shape == pred.shape == (3,) + x.shape
     for i, t in enumerate(steps):
@@ -121,7 +121,7 @@ def test_denoise_is_the_one_step_x0_prediction(schedule):
         noise = (np.asarray(x_t[i]) - np.sqrt(alpha_bar) * np.asarray(x)) / np.sqrt(1 - alpha_bar)
         assert 0.6 < noise.std() < 1.4
     with pytest.raises(ValueError, match="outside"):
-        tasks.denoise(model, schedule, x, jax.random.key(0), timesteps=[T])
+        tasks.one_step_denoise(model, schedule, x, jax.random.key(0), timesteps=[T])
 
 
 # ----------------------------------------------------------------------------------------------
