@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import generate, images, metrics, parallel  # noqa: E402
+from ddpm_jax import checkpointing, generate, images, metrics, parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -119,7 +119,7 @@ def main(argv):
         if conditional else None
     generate.requested_labels(config)  # one clear error for guidance on an unconditional run
     mesh = parallel.make_mesh()
-    graphdef, params, step = generate.load_ema_params(config, FLAGS.workdir, mesh)
+    graphdef, params, step = checkpointing.load_ema_params(config, FLAGS.workdir, mesh)
     start = time.time()
     batches = generate.batches(graphdef, params, config, mesh, FLAGS.num_samples,
                                 jax.random.key(FLAGS.seed), method=FLAGS.method,

@@ -210,5 +210,7 @@ def load(path: str, config: ml_collections.ConfigDict | None = None, *,
     if config is None:
         config = saved_config(workdir, step)
     mesh = parallel.make_mesh(list(devices) if devices is not None else jax.local_devices())
-    graphdef, params, step = generate.load_ema_params(config, workdir, mesh, checkpoint=step)
+    from ddpm_jax import checkpointing
+
+    graphdef, params, step = checkpointing.load_ema_params(config, workdir, mesh, checkpoint=step)
     return Pipeline(config, graphdef, params, step, mesh)

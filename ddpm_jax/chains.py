@@ -12,7 +12,6 @@ so the same key always gives the same samples.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import progress as progress_slots
+from ddpm_jax import solvers
 from ddpm_jax.diffusion import (
     ModelFn,
     Schedule,
@@ -40,21 +41,9 @@ def _broadcast_batch(values: jax.Array, ndim: int) -> jax.Array:
     return values.reshape(values.shape + (1,) * (ndim - values.ndim))
 
 
-def _num_progress_slots(num_steps: int, xstart_every: int) -> int:
-    if xstart_every <= 0:
-        raise ValueError("xstart_every must be a positive integer")
-    return math.ceil(num_steps / xstart_every)
-
-
 # --------------------------------------------------------------------------------------
 # DDPM ancestral sampling
 # --------------------------------------------------------------------------------------
-
-
-def _record_xstart(progress: jax.Array, pred_xstart: jax.Array, slot: jax.Array) -> jax.Array:
-    """Writes this step's x̂_0 prediction into progress slot `slot` (the last write wins)."""
-    return jax.lax.dynamic_update_index_in_dim(progress, pred_xstart.astype(progress.dtype), slot,
-                                               axis=0)
 
 
 def p_sample(
@@ -126,12 +115,12 @@ def ancestral_sample(
             x_prev = after_step(x_prev, t)
         if progress is not None:
             # t descends, so the last write to slot t // n happens at t = n·(t // n).
-            progress = _record_xstart(progress, pred_xstart, t // xstart_every)
+            progress = progress_slots.record(progress, pred_xstart, t // xstart_every)
         return (x_prev, progress), None
 
     progress = None
     if xstart_every is not None:
-        num_slots = _num_progress_slots(num_timesteps, xstart_every)
+        num_slots = progress_slots.num_slots(num_timesteps, xstart_every)
         progress = jnp.zeros_like(x_T, shape=(num_slots,) + x_T.shape)  # same device-variance as x_T
     timesteps = jnp.arange(num_timesteps - 1, -1, -1, dtype=jnp.int32)
     (samples, progress), _ = jax.lax.scan(step, (x_T, progress), timesteps)
@@ -271,12 +260,12 @@ def ddim_sample(
         if after_step is not None:
             x_prev = after_step(x_prev, previous_timesteps[index])
         if progress is not None:
-            progress = _record_xstart(progress, pred_xstart, index // xstart_every)
+            progress = progress_slots.record(progress, pred_xstart, index // xstart_every)
         return (x_prev, progress), None
 
     progress = None
     if xstart_every is not None:
-        progress = jnp.zeros_like(x_T, shape=(_num_progress_slots(num_steps, xstart_every),) + x_T.shape)
+        progress = jnp.zeros_like(x_T, shape=(progress_slots.num_slots(num_steps, xstart_every),) + x_T.shape)
     (samples, progress), _ = jax.lax.scan(step, (x_T, progress), step_indices)
     if xstart_every is None:
         return samples
@@ -363,9 +352,6 @@ def run_chain(
                            timesteps=ddim_timesteps(start, method.num_steps, method.ddim_skip),
                            eta=method.ddim_eta, mean_type=mean_type, clip_denoised=clip_denoised,
                            xstart_every=xstart_every, after_step=after_step)
-    # solvers.py builds on this module's progress helpers, so it is imported here.
-    from ddpm_jax import solvers
-
     if method.name not in SOLVER_METHODS:
         raise ValueError(f"sample.method={method.name!r} is unknown; use one of "
                          f"{', '.join(METHODS)}.")

@@ -547,7 +547,7 @@ def write_checkpoint(weights: ImportedWeights, config, workdir: str) -> str:
 
     `weights` must come from `import_*` with the same `config`. A fresh optimizer state
     (`optim.make_optimizer`) lets training continue from the imported weights;
-    `generate.load_ema_params` reads `ema_params`. Refuses a workdir that already has
+    `checkpointing.load_ema_params` reads `ema_params`. Refuses a workdir that already has
     checkpoints; removes what it created if saving fails.
     """
     from ddpm_jax import checkpointing, optim, train_step

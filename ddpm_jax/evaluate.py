@@ -301,14 +301,14 @@ def sample_meta(config, step: int, num_devices: int, fingerprint: str) -> dict[s
             "method": sc.method, "clip_denoised": bool(sc.clip_denoised),
             "quantize": bool(config.eval.quantize), "inception": fingerprint}
     if sc.method != "ancestral":
-        from ddpm_jax import generate
+        from ddpm_jax import results
 
-        settings = generate.method_settings(sc.to_dict())  # num_steps as the method resolves it
+        settings = results.method_settings(sc.to_dict())  # num_steps as the method resolves it
         if sc.method == "ddim":  # recorded under the names of parts made before the solvers
             meta.update(ddim_steps=int(settings["num_steps"]), ddim_eta=float(sc.ddim_eta),
                         ddim_skip=sc.ddim_skip)
         else:
-            meta.update({field: settings[field] for field in generate.METHOD_FIELDS[sc.method]})
+            meta.update({field: settings[field] for field in results.METHOD_FIELDS[sc.method]})
     return meta
 
 
@@ -519,12 +519,12 @@ def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str
 
 def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
     """`--mode=eval`: metrics of the latest (or `checkpoint`) EMA weights → `eval/<step>.json`."""
-    from ddpm_jax import generate, summaries
+    from ddpm_jax import checkpointing, summaries
 
     ec = config.eval
     mesh = parallel.make_mesh()
     validate_config(config, mesh)
-    graphdef, ema_params, step = generate.load_ema_params(config, workdir, mesh, checkpoint)
+    graphdef, ema_params, step = checkpointing.load_ema_params(config, workdir, mesh, checkpoint)
     eval_dir = os.path.join(workdir, "eval")
     out_dir = os.path.join(eval_dir, str(step))
     started = time.time()

@@ -1,21 +1,25 @@
-"""Generating images with the whole `data` mesh: each device runs the compiled sampler
-(`sample.method` through `chains.run_chain`: ancestral, DDIM, or the DPM-Solver++ / UniPC
-ODE solvers of `solvers.py`, each one `lax.scan`) on its share of the batch.
+"""The sampling library: n samples from EMA weights on the whole `data` mesh, for
+`--mode=sample` (`sample_mode.py`), `Pipeline.sample` (`api.py`), the training grids
+(`train.write_sample_grid`), evaluation (`evaluate.make_sample_parts`) and the editing tasks
+(`edit_mode.py`, which take `chain_method` and `sampling_model_fn` from here).
 
-Device d draws its x_T and step noise from `fold_in(key, d)`, so a key gives the same samples
-on the same device count. Batches larger than one call are generated in consecutive calls
-keyed `fold_in(key, call index)`.
+* Method: `check_method` / `chain_method` turn `config.sample` into a `chains.Method`
+  (ancestral, DDIM, or the DPM-Solver++ / UniPC ODE solvers of `solvers.py`, each one
+  `lax.scan`); `make_sample_fn` compiles it over the mesh, each device on its share of a batch.
+* Labels: `sample_labels`, one rule for every caller: the requested classes in blocks over all
+  n samples (one grid row per class), never per batch.
+* Keys: device d of call c draws its x_T and step noise from `fold_in(fold_in(key, c), d)`, so
+  a key gives the same samples for the same batch size and device count.
+* Batches: `batches` pads the last call to the batch size, trims it and moves every call's
+  samples to the host (`to_host`).
 
-Class-conditional models (`model.num_classes > 1`) sample each image for a requested label
-with classifier-free guidance `sample.guidance_scale` (`model_fns.guided_model_fn`: one batched
-model call per step, in every sampler); `--mode=sample` writes one grid row per class.
+Class-conditional models (`model.num_classes > 1`) sample each image for its label with
+classifier-free guidance `sample.guidance_scale` (`model_fns.guided_model_fn`: one batched
+model call per step, in every sampler).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -73,6 +77,16 @@ def labels_per_sample(classes: list[int], num_samples: int) -> tuple[np.ndarray,
     per_row = -(-num_samples // len(classes))
     labels = np.asarray([classes[i // per_row] for i in range(num_samples)], np.int32)
     return labels, per_row
+
+
+def sample_labels(config, num_samples: int) -> tuple[np.ndarray | None, int | None]:
+    """(labels [num_samples] int32, samples per class) of `num_samples` samples: for a
+    conditional model `labels_per_sample` of `requested_labels` over all of them, whatever the
+    batch; (None, None) for an unconditional one."""
+    classes = requested_labels(config)
+    if classes is None:
+        return None, None
+    return labels_per_sample(classes, num_samples)
 
 
 def sampling_model_fn(graphdef: nnx.GraphDef, params: model_fns.Params, config,
@@ -259,8 +273,8 @@ def batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh
              ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yields (samples, progress or None) per call until `num_samples` are made (last trimmed).
 
-    `labels` [num_samples]: the class of each sample for a conditional model (default: one
-    block of rows per class of `sample.labels`, see `labels_per_sample`). `noise`
+    `labels` [num_samples]: the class of each sample for a conditional model (default
+    `sample_labels`: one block of rows per class of `sample.labels`). `noise`
     [num_samples, H, W, C]: the x_T of each sample instead of drawing them from the key (the
     step noise of ancestral / DDIM η > 0 sampling still comes from the key). `sample_fn`: a
     compiled `make_sample_fn` for these settings, `batch_size` and noise, to reuse one."""
@@ -268,8 +282,8 @@ def batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh
     noise = None if noise is None else check_noise(config, num_samples, noise)
     classes = requested_labels(config)
     if labels is None:
-        labels = (np.zeros(num_samples, np.int32) if classes is None
-                  else labels_per_sample(classes, num_samples)[0])
+        labels = sample_labels(config, num_samples)[0]
+        labels = np.zeros(num_samples, np.int32) if labels is None else labels
     labels = np.asarray(labels, np.int32)
     num_classes = config.model.num_classes
     if classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
@@ -336,165 +350,3 @@ def grid_batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh:
                                   // config.diffusion.num_timesteps))
     return batches(graphdef, params, grid, mesh, num_samples, key, batch_size=batch_size,
                     progress_every=progress_every)
-
-
-# Fields of `config.sample` that only editing tasks read; `--mode=sample` generation ignores them.
-EDIT_ONLY_FIELDS = ("task", "input", "input2", "mask", "t0", "strength", "num_mix",
-                    "denoise_steps")
-DDIM_FIELDS = ("ddim_steps", "ddim_eta", "ddim_skip")
-SOLVER_FIELDS = ("solver_order", "timestep_spacing")
-# What each method reads of `config.sample` beyond the common fields (num_steps as resolved).
-METHOD_FIELDS = {"ancestral": ("progress_every",), "ddim": DDIM_FIELDS + ("num_steps",),
-                 "dpm_solver": SOLVER_FIELDS + ("num_steps",),
-                 "unipc": SOLVER_FIELDS + ("num_steps",)}
-SETTINGS_FILE = "settings.json"
-
-
-def output_settings(config, step: int, num_devices: int, sample: dict) -> dict:
-    """What decides a `--mode=sample` result: the checkpoint step, the device count (x_T and the
-    step noise are keyed per device), the model and diffusion configs and the given
-    `config.sample` fields. Fields not known to be irrelevant are kept, so a new field can only
-    make a new folder, never an overwrite."""
-    return {"step": int(step), "devices": int(num_devices), "sample": sample,
-            "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
-            "data": {"image_size": config.data.image_size, "channels": config.data.channels}}
-
-
-def method_settings(sample: dict) -> dict:
-    """`sample` (a `config.sample` dict) without the fields of other methods, with num_steps as
-    the method resolves it (so the old name ddim_steps and num_steps give the same folder).
-    Ancestral settings read as before the solvers existed."""
-    method = sample["method"]
-    other = {field for fields in METHOD_FIELDS.values() for field in fields}
-    out = {k: v for k, v in sample.items() if k not in other - set(METHOD_FIELDS[method])}
-    if method != "ancestral":
-        out["num_steps"] = chain_method(ml_collections.ConfigDict(sample)).num_steps
-        out.pop("ddim_steps", None)
-    return out
-
-
-def generate_settings(config, step: int, num_devices: int) -> dict:
-    sample = {k: v for k, v in config.sample.to_dict().items() if k not in EDIT_ONLY_FIELDS}
-    return output_settings(config, step, num_devices, method_settings(sample))
-
-
-def _canonical(settings: dict) -> str:
-    return json.dumps(settings, sort_keys=True, default=str)
-
-
-def output_dir(workdir: str, prefix: str, settings: dict) -> tuple[str, bool]:
-    """(`workdir/samples/<prefix>_<hash>`, whether it already holds these settings' results).
-
-    One folder per distinct settings, named by a hash of them, with the settings in
-    `settings.json`: a run with other settings never replaces earlier results, the same settings
-    again give the same folder (and, being deterministic, the same files). A folder of that name
-    with other (or no) settings is refused, not overwritten."""
-    from etils import epath  # local paths and gs:// alike, as files.atomic_write writes them
-
-    digest = hashlib.sha256(_canonical(settings).encode()).hexdigest()[:10]
-    path = os.path.join(workdir, "samples", f"{prefix}_{digest}")
-    if not epath.Path(path).exists():
-        return path, False
-    try:
-        saved = json.loads(epath.Path(path, SETTINGS_FILE).read_text())
-        same = _canonical(saved) == _canonical(settings)
-    except (OSError, ValueError):
-        same = False
-    if not same:
-        raise ValueError(f"{path} exists but does not hold the results of these settings (its "
-                         f"{SETTINGS_FILE} is missing or differs); move it away or use another "
-                         "--workdir.")
-    return path, True
-
-
-def write_settings(out_dir: str, settings: dict) -> None:
-    from ddpm_jax import files
-
-    files.save_json(os.path.join(out_dir, SETTINGS_FILE), settings)
-
-
-def report_written(what: str, out_dir: str, existed: bool) -> None:
-    if existed:
-        print(f"{out_dir} already held {what} for these settings; rewrote the same results")
-    else:
-        print(f"wrote {what} to {out_dir}")
-
-
-def load_ema_params(config, workdir: str, mesh: Mesh, checkpoint: int | None = None
-                    ) -> tuple[nnx.GraphDef, model_fns.Params, int]:
-    """EMA weights of the latest (or given) checkpoint in `workdir`, replicated over `mesh`."""
-    from ddpm_jax import checkpointing, parallel, train_step
-
-    manager = checkpointing.make_manager(workdir, read_only=True)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first "
-            "(--mode=train) or convert released weights (python -m ddpm_jax.convert).")
-    if checkpoint is not None and checkpoint not in manager.all_steps():
-        raise FileNotFoundError(
-            f"--checkpoint={checkpoint} is not in {checkpointing.checkpoint_dir(workdir)}; "
-            f"available steps: {list(manager.all_steps())}.")
-    graphdef, abstract_state = train_step.abstract_train_state(config)
-    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
-    state, step = checkpointing.restore(manager, abstract_state, config, step=checkpoint,
-                                        shardings=shardings)
-    return graphdef, state.ema_params, step
-
-
-def run(config, workdir: str, checkpoint: int | None = None) -> str:
-    """`--mode=sample`: EMA samples → `samples/<method>_step<step>_seed<seed>[_w<w>]_<hash>/`
-    (see `output_dir`): `samples.npz` (uint8), a grid PNG, `settings.json` and, for ancestral
-    sampling with `sample.progress_every`, a denoising strip and GIF.
-
-    A conditional model samples `sample.labels` (default every class) with guidance
-    `sample.guidance_scale`, one grid row per class, and saves the labels in the npz; the
-    editing tasks (`sample.task != "generate"`) are run by `tasks.run`."""
-    from absl import logging
-
-    from ddpm_jax import files, images, parallel
-
-    sc = config.sample
-    task = sc.get("task", "generate")
-    if task != "generate":
-        from ddpm_jax import tasks
-
-        return tasks.run(config, workdir, checkpoint)
-    classes = requested_labels(config)  # bad labels/guidance fail before anything is read
-    check_method(config)
-    labels, per_row = (None, None) if classes is None else labels_per_sample(classes,
-                                                                             sc.num_samples)
-    mesh = parallel.make_mesh()
-    graphdef, params, step = load_ema_params(config, workdir, mesh, checkpoint)
-    name = f"{sc.method}_step{step:08d}_seed{sc.seed}"
-    if classes is not None:
-        name += f"_w{guidance_scale(config):g}"
-    settings = generate_settings(config, step, mesh.devices.size)
-    out_dir, existed = output_dir(workdir, name, settings)
-    progress_every = sc.progress_every if sc.method == "ancestral" else 0
-    key = jax.random.key(sc.seed)
-    all_samples, first_progress = [], None
-    for samples, progress in batches(graphdef, params, config, mesh, sc.num_samples, key,
-                                      progress_every=progress_every, labels=labels):
-        all_samples.append(images.to_uint8(samples))
-        if first_progress is None:
-            first_progress = progress
-        logging.info("sampled %d / %d", sum(len(s) for s in all_samples), sc.num_samples)
-    samples_uint8 = np.concatenate(all_samples)
-    if jax.process_index() == 0:
-        write_settings(out_dir, settings)
-        if labels is None:
-            files.save_npz(os.path.join(out_dir, "samples.npz"), images=samples_uint8)
-            grid = images.make_grid(samples_uint8[:100])
-        else:  # one row per requested class
-            files.save_npz(os.path.join(out_dir, "samples.npz"), images=samples_uint8,
-                           labels=labels)
-            grid = images.make_grid(samples_uint8, columns=per_row)
-        images.save_png(os.path.join(out_dir, "grid.png"), images.upscale(grid))
-        if first_progress is not None:
-            images.save_png(os.path.join(out_dir, "progress.png"),
-                            images.upscale(images.progress_strip(first_progress)))
-            frames = [images.upscale(images.make_grid(images.to_uint8(p[:16])))
-                      for p in first_progress[::-1]]
-            images.save_gif(os.path.join(out_dir, "progress.gif"), frames)
-        report_written(f"{len(samples_uint8)} samples of step {step}", out_dir, existed)
-    return out_dir

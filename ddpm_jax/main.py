@@ -73,9 +73,14 @@ def run(mode: str, config, workdir: str | None, checkpoint: int | None = None) -
         with workdirs.exclusive(workdir, workdirs.LOCK_NAME, "training"):
             train.train_and_evaluate(config, workdir, checkpoint)
     elif mode == "sample":
-        from ddpm_jax import generate
+        if config.sample.get("task", "generate") == "generate":
+            from ddpm_jax import sample_mode
 
-        generate.run(config, workdir, checkpoint)
+            sample_mode.write_samples(config, workdir, checkpoint)
+        else:
+            from ddpm_jax import edit_mode
+
+            edit_mode.write_edits(config, workdir, checkpoint)
     elif mode == "eval":
         from ddpm_jax import evaluate
 

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from ddpm_jax import progress as progress_slots
 from ddpm_jax.diffusion import ModelFn
-from ddpm_jax.chains import _num_progress_slots, _record_xstart
 
 SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 UNIPC_VARIANTS = ("bh1", "bh2")
@@ -289,13 +289,13 @@ def _multistep_scan(
             x_next = after_step(x_next.astype(dtype), inputs["t_next"])
         if progress is not None:
             slot = (num_steps - 1 - inputs["index"]) // xstart_every
-            progress = _record_xstart(progress, m, slot)
+            progress = progress_slots.record(progress, m, slot)
         return (x_next.astype(dtype), x, jnp.stack(outputs[:history_len]), progress), None
 
     history = jnp.zeros_like(x_T, shape=(history_len,) + x_T.shape)
     progress = None
     if xstart_every is not None:
-        progress = jnp.zeros_like(x_T, shape=(_num_progress_slots(num_steps, xstart_every),) + x_T.shape)
+        progress = jnp.zeros_like(x_T, shape=(progress_slots.num_slots(num_steps, xstart_every),) + x_T.shape)
     (samples, _, _, progress), _ = jax.lax.scan(step, (x_T, x_T, history, progress), per_step)
     if xstart_every is None:
         return samples

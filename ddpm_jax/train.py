@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddpm_jax import (checkpointing, compile_cache, images, input_pipeline, optim, parallel,
-                      profiling, generate, summaries, utilisation,
+from ddpm_jax import (checkpointing, compile_cache, generate, images, input_pipeline, optim,
+                      parallel, profiling, summaries, utilisation,
                       train_step, validate)
 from ddpm_jax.interrupt import StopSignal as _StopSignal
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import chains, diffusion, gradients, profiling, solvers
+from ddpm_jax import chains, diffusion, gradients, model_fns, profiling, solvers
 
 MODES = ("train", "sample", "eval", "info")
 
@@ -244,36 +244,14 @@ def check_numbers(config) -> None:
 
 def check_sample_settings(config) -> None:
     """Labels, guidance and the editing task's settings parse and fit the model."""
-    from ddpm_jax import generate, tasks
+    from ddpm_jax import edit_mode, generate
 
     generate.requested_labels(config)
-    task = config.sample.task  # an unknown one is reported by tasks.prepare_inputs
+    task = config.sample.task  # an unknown one is reported by edit_mode.prepare_inputs
     if task in ("img2img", "inpaint", "interpolate"):
-        tasks.resolve_t0(config, task)
+        edit_mode.resolve_t0(config, task)
     elif task == "denoise":
-        tasks.parse_steps(config.sample.denoise_steps, config.diffusion.num_timesteps)
-
-
-def check_model_shape(config) -> None:
-    """The UNet can take `data.image_size`, and attention sits at resolutions it has."""
-    mc, size = config.model, config.data.image_size
-    _require(size >= 1, "data.image_size", size, "≥ 1")
-    _require(config.data.channels in (1, 3), "data.channels", config.data.channels, "1 or 3")
-    halvings = len(mc.ch_mult) - 1
-    if size % 2 ** halvings:
-        raise ValueError(
-            f"data.image_size={size} cannot be halved {halvings} times by "
-            f"model.ch_mult={tuple(mc.ch_mult)}; use an image size divisible by {2 ** halvings}.")
-    if mc.ch % 32:
-        raise ValueError(f"model.ch={mc.ch} must be a multiple of 32 (GroupNorm uses 32 groups); "
-                         "set --config.model.ch to e.g. 32, 64 or 128.")
-    resolutions = [size // 2 ** level for level in range(halvings + 1)]
-    stray = [r for r in mc.attn_resolutions if r not in resolutions]
-    if stray:
-        raise ValueError(
-            f"model.attn_resolutions={tuple(mc.attn_resolutions)}: {stray[0]} is not a "
-            f"resolution of this UNet ({', '.join(map(str, resolutions))}); "
-            "set --config.model.attn_resolutions to some of those, or () for none.")
+        edit_mode.parse_steps(config.sample.denoise_steps, config.diffusion.num_timesteps)
 
 
 def check_data_source(data_config) -> None:
@@ -343,7 +321,7 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
     check_mode(mode)
     check_types_and_ranges(config)
     check_choices(config)
-    check_model_shape(config)
+    model_fns.check_model_shape(config)
     if mode == "info":
         return
     check_numbers(config)
@@ -353,8 +331,7 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
     if mode == "train":
         check_data_source(config.data)
     if mode == "train" and config.training.sample_every:
-        # The grid sampler fails now, not at the first grid (sampling imports models, which
-        # imports this module, hence the local import).
+        # The grid sampler fails now, not at the first grid.
         from ddpm_jax import generate
 
         generate.check_method(generate.grid_config(config))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import checkpointing, generate, model_fns, parallel, train_step
+from ddpm_jax import checkpointing, model_fns, parallel, sample_mode, train_step
 from helpers import tiny_config
 
 
@@ -61,7 +61,7 @@ def test_sample_draws_the_labels_and_images_of_the_cli(conditional, tmp_path):
     config = config.copy_and_resolve_references()
     config.sample.num_samples, config.sample.batch_size = 20, 16
     config.sample.progress_every = 0
-    out_dir = generate.run(config, workdir)  # what --mode=sample runs
+    out_dir = sample_mode.write_samples(config, workdir)  # what --mode=sample runs
     saved = np.load(os.path.join(out_dir, "samples.npz"))
     np.testing.assert_array_equal(saved["labels"], np.repeat(np.arange(10), 2))
     images = pipe.sample(20, config.sample.seed, batch_size=16)

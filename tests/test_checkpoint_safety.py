@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, generate, main, parallel, train, train_step
+from ddpm_jax import checkpointing, main, parallel, train, train_step
 from helpers import tiny_config
 from test_bad_input import _snapshot
 
@@ -186,7 +186,7 @@ def test_rerun_of_a_finished_training_changes_nothing(trained_4, tmp_path, capsy
 
 def test_reading_a_checkpoint_warns_about_nothing(trained_4, caplog):
     with caplog.at_level(logging.DEBUG):
-        generate.load_ema_params(tiny_config(), trained_4, parallel.make_mesh())
+        checkpointing.load_ema_params(tiny_config(), trained_4, parallel.make_mesh())
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 

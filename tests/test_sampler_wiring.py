@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import (api, checkpointing, diffusion, images, model_fns, parallel, chains,
-                      generate, solvers, tasks, train_step)
+from ddpm_jax import (api, chains, checkpointing, diffusion, generate, images, model_fns,
+                      parallel, results, sample_mode, solvers, tasks, train_step)
 from helpers import tiny_config
 
 NUM_DEVICES = 8
@@ -97,7 +97,7 @@ def test_mode_sample_writes_the_solver_on_each_device_x_T(tmp_path, method, orde
     checkpointing.save(manager, 1, state, config)
     manager.wait_until_finished()
 
-    out_dir = generate.run(config, workdir)
+    out_dir = sample_mode.write_samples(config, workdir)
     assert os.path.basename(out_dir).startswith(f"{method}_step00000001_seed0_")
     saved = np.load(os.path.join(out_dir, "samples.npz"))["images"]
     x_T = _device_x_T(jax.random.key(config.sample.seed), (2, 8, 8, 1))
@@ -313,7 +313,7 @@ def test_settings_of_other_solver_settings_differ_and_ddim_alias_matches():
     def settings(**sample):
         config = tiny_config()
         config.sample.update(sample)
-        return generate.generate_settings(config, 1, 8)
+        return results.generate_settings(config, 1, 8)
 
     base = settings(method="dpm_solver", num_steps=5)
     for change in (dict(solver_order=3), dict(timestep_spacing="trailing"), dict(num_steps=6),

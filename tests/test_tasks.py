@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing, diffusion, main, parallel, tasks, train_step
+from ddpm_jax import checkpointing, diffusion, edit_mode, main, parallel, tasks, train_step
 from helpers import tiny_config
 
 T = 50
@@ -136,13 +136,13 @@ def _write_png(path, array):
 def test_input_and_mask_size_errors(tmp_path):
     good = _write_png(tmp_path / "digit.png", np.full((8, 8), 200))
     small = _write_png(tmp_path / "small.png", np.full((6, 6), 255))
-    assert tasks.load_images(good, 8, 1).shape == (1, 8, 8, 1)
+    assert edit_mode.load_images(good, 8, 1).shape == (1, 8, 8, 1)
     with pytest.raises(ValueError, match="6x6, the model takes 8x8"):
-        tasks.load_images(small, 8, 1)
+        edit_mode.load_images(small, 8, 1)
     with pytest.raises(ValueError, match="mask must be the same size"):
-        tasks.load_mask(small, 8)
+        edit_mode.load_mask(small, 8)
     np.savez(tmp_path / "batch.npz", images=np.zeros((3, 8, 8, 1), np.uint8))
-    assert tasks.load_images(str(tmp_path / "batch.npz"), 8, 1).shape == (3, 8, 8, 1)
+    assert edit_mode.load_images(str(tmp_path / "batch.npz"), 8, 1).shape == (3, 8, 8, 1)
 
     config = tiny_config()
     config.sample.task = "inpaint"
@@ -215,11 +215,11 @@ def test_inputs_are_repeated_per_label_only_with_guidance(tmp_path):
     config.sample.input = _write_png(tmp_path / "digit.png", np.full((8, 8), 100))
     config.sample.labels = "2,5,9"
     config.sample.guidance_scale = 3.0
-    inputs = tasks.prepare_inputs(config)
+    inputs = edit_mode.prepare_inputs(config)
     np.testing.assert_array_equal(inputs.labels, [2, 5, 9])
     assert inputs.x.shape == (3, 8, 8, 1) and inputs.t0 == config.diffusion.num_timesteps // 2
     config.sample.guidance_scale = 0.0  # unconditional: the labels change nothing, edit once
-    inputs = tasks.prepare_inputs(config)
+    inputs = edit_mode.prepare_inputs(config)
     assert inputs.labels is None and inputs.x.shape == (1, 8, 8, 1)
     config.sample.strength = 0.25
-    assert tasks.prepare_inputs(config).t0 == 5
+    assert edit_mode.prepare_inputs(config).t0 == 5
