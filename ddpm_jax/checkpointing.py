@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ddpm_jax.errors import CheckpointWriteError
+
 if TYPE_CHECKING:
     from flax import nnx
     from jax.sharding import Mesh
@@ -44,10 +46,6 @@ _BOOKKEEPING_KEYS = ("sample", "eval", "data.prefetch", "data.data_dir", "traini
 
 class ConfigMismatchError(ValueError):
     """The workdir's checkpoints belong to a run with another model or data config."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
 
 
 class CheckpointCorruptError(ValueError):
@@ -75,7 +73,7 @@ class _OrbaxChatterFilter(std_logging.Filter):
     built, those about its options (a read-only manager 'setting save_interval_steps=0', 'Given
     directory is read only'), and the one about waiting for the previous save, which the
     training loop's own checkpoint line reports. (Its ~40 INFO lines per save reach the console
-    only with --verbose: main.quiet_console.)"""
+    only with --verbose: cli.quiet_console.)"""
 
     constructing = threading.local()
 

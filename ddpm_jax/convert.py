@@ -595,7 +595,7 @@ def convert(source_format: str, source: str, config, workdir: str) -> tuple[Impo
 
 def run_cli(source_format: str, source: str, config, workdir: str) -> int:
     """Convert and report on stdout; a user error is one `error: ...` line on stderr, exit 2."""
-    from ddpm_jax.checkpointing import CheckpointWriteError
+    from ddpm_jax.errors import CheckpointWriteError
 
     try:
         weights, directory = convert(source_format, source, config, workdir)

@@ -21,11 +21,8 @@ from jax.experimental import multihost_utils
 from ddpm_jax import (checkpointing, compile_cache, generate, images, input_pipeline, optim,
                       parallel, profiling, summaries, utilisation,
                       train_step, validate)
+from ddpm_jax.errors import NonFiniteError
 from ddpm_jax.interrupt import StopSignal as _StopSignal
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 def crossed(before: int, after: int, every: int) -> bool:

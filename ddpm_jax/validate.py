@@ -1,8 +1,8 @@
 """Config checks that run before any mode touches the workdir.
 
 `validate(config, mode, mesh)` raises a one-line `ValueError` (or `FileNotFoundError`) naming
-the first mistake and the flag that fixes it. `main.run` calls it after the device mesh exists
-and before anything is created or written, so a bad command leaves the workdir as it was.
+the first mistake and the flag that fixes it. `modes.run_mode` calls it after the device mesh
+exists and before anything is created or written, so a bad command leaves the workdir as it was.
 Checks that need the data (its size) or the workdir (the checkpoint's config) happen where
 those are read, also before the first write.
 """
@@ -18,8 +18,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddpm_jax import chains, diffusion, gradients, model_fns, profiling, solvers
-
-MODES = ("train", "sample", "eval", "info")
 
 # Every value the code accepts for each enumerated config entry, from the modules that
 # implement them.
@@ -46,11 +44,6 @@ def _get(config, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"--mode={mode!r} is unknown; use one of {', '.join(MODES)}.")
 
 
 def check_choices(config) -> None:
@@ -317,8 +310,8 @@ def check_eval_inputs(eval_config) -> None:
 
 
 def validate(config, mode: str, mesh: Mesh | None = None) -> None:
-    """All checks for `mode`; `mesh` (the data mesh) enables the batch-split checks."""
-    check_mode(mode)
+    """All checks for `mode` (one of `modes.MODES`); `mesh` (the data mesh) enables the
+    batch-split checks."""
     check_types_and_ranges(config)
     check_choices(config)
     model_fns.check_model_shape(config)

@@ -22,7 +22,7 @@ import scipy.special
 import tensorflow_datasets as tfds
 
 from configs import default
-from ddpm_jax import (checkpointing, diffusion, evaluate, images, inception, main, parallel,
+from ddpm_jax import (checkpointing, diffusion, evaluate, images, inception, modes, parallel,
                       generate, train_step)
 
 LN2 = math.log(2.0)
@@ -346,7 +346,7 @@ def test_eval_end_to_end_on_mock_cifar10_resumes_after_a_kill(mesh, inception_np
         before = os.stat(evaluate.part_path(parts_dir, 0))
 
         # ... restarted with the command-line entry point: it makes part 1 only.
-        main.run("eval", config, workdir)
+        modes.run_mode("eval", config, workdir)
         with open(os.path.join(workdir, "eval", "5.json")) as f:
             results = json.load(f)
 

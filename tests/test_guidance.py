@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import cifar10, cifar10_cond, digits_cond, mnist_cond
-from ddpm_jax import chains, diffusion, generate, main, model_fns, train_step, unet
+from ddpm_jax import chains, diffusion, generate, model_fns, modes, train_step, unet
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,8 +165,8 @@ def test_conditional_train_then_sample_one_row_per_class(tmp_path):
     config.sample.batch_size = 16
     config.sample.progress_every = 0
     workdir = str(tmp_path / "run")
-    main.run("train", config, workdir)
-    main.run("sample", config, workdir)
+    modes.run_mode("train", config, workdir)
+    modes.run_mode("sample", config, workdir)
     (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000001_seed0_w3_*"))
     saved = np.load(os.path.join(out_dir, "samples.npz"))
     assert saved["images"].shape == (20, 8, 8, 1)
@@ -182,7 +182,7 @@ def test_conditional_train_then_sample_one_row_per_class(tmp_path):
 def _assert_one_line_error_and_nothing_written(config, workdir, match):
     before = sorted(os.listdir(workdir))
     with pytest.raises(ValueError, match=match) as error:
-        main.run("sample", config, str(workdir))
+        modes.run_mode("sample", config, str(workdir))
     assert "\n" not in str(error.value)
     assert sorted(os.listdir(workdir)) == before
 

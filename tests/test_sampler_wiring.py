@@ -382,14 +382,14 @@ def test_editing_default_steps_take_the_share_of_the_chain_they_run():
 
 
 def test_a_grid_sampler_the_model_cannot_take_stops_training_before_it_starts(tmp_path):
-    from ddpm_jax import main
+    from ddpm_jax import modes
 
     config = tiny_config()
     config.diffusion.mean_type = "xstart"
     config.training.sample_every = 2
     config.training.grid_method, config.training.grid_steps = "dpm_solver", 5
     with pytest.raises(ValueError, match="sample.method=dpm_solver needs an eps model"):
-        main.run("train", config, str(tmp_path / "run"))
+        modes.run_mode("train", config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing, diffusion, edit_mode, main, parallel, tasks, train_step
+from ddpm_jax import checkpointing, diffusion, edit_mode, modes, parallel, tasks, train_step
 from helpers import tiny_config
 
 T = 50
@@ -151,7 +151,7 @@ def test_input_and_mask_size_errors(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     with pytest.raises(ValueError, match="mask must be the same size") as error:
-        main.run("sample", config, str(workdir))
+        modes.run_mode("sample", config, str(workdir))
     assert "\n" not in str(error.value) and os.listdir(workdir) == []
 
 
@@ -189,7 +189,7 @@ def test_each_task_writes_input_output_and_strip(conditional_workdir, tmp_path):
                              ("inpaint", -1, "_t20"), ("interpolate", 0, "_t0"),
                              ("denoise", -1, "")):
         config.sample.task, config.sample.t0 = task, t0
-        main.run("sample", config, workdir)
+        modes.run_mode("sample", config, workdir)
         (out_dir,) = glob.glob(os.path.join(workdir, "samples",
                                             f"{task}_step00000001_seed0{suffix}_*"))
         for name in ("input.png", "output.png", "strip.png"):
