@@ -61,10 +61,12 @@ def write_sample_grid(config, workdir, writer, graphdef, state, mesh, step: int)
     batch = -(-tc.num_grid_samples // devices) * devices
     key = jax.random.fold_in(jax.random.key(config.sample.seed), step)
     progress_every = config.sample.progress_every if config.sample.method == "ancestral" else 0
+    # num_grid_samples samples in one call padded to the devices: the labels are those of the
+    # samples (generate.sample_labels), not of the padded call.
     samples, progress = next(generate.grid_batches(
-        graphdef, state.ema_params, config, mesh, batch, key, batch_size=batch,
+        graphdef, state.ema_params, config, mesh, tc.num_grid_samples, key, batch_size=batch,
         progress_every=progress_every))
-    grid = images.make_grid(images.to_uint8(samples[:tc.num_grid_samples]))
+    grid = images.make_grid(images.to_uint8(samples))
     if jax.process_index() == 0:
         images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                         images.upscale(grid))
