@@ -90,7 +90,7 @@ def sample_labels(config, num_samples: int) -> tuple[np.ndarray | None, int | No
 
 
 def sampling_model_fn(graphdef: nnx.GraphDef, params: model_fns.Params, config,
-                    labels: jax.Array | None) -> Callable:
+                      labels: jax.Array | None) -> Callable:
     """The sampler's `(x, t) -> output`: plain for unconditional models; for conditional ones the
     guided output, with w = 0 (unconditional) and w = 1 (conditional) in a single-batch call,
     which `model_fns.guide` shows to give the same numbers."""
@@ -200,8 +200,8 @@ def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, 
     compiled = jax.jit(jax.shard_map(program, mesh=mesh,
                                      in_specs=(P(), P()) + (P(DATA_AXIS),) * len(extra),
                                      out_specs=out_specs))
-    default_labels = None if classes is None else labels_per_sample(classes, batch_size)[0]
-    return _SampleFn(compiled, default_labels, given_noise, shape, mesh)
+    # Called without labels, one batch takes the labels of that many samples.
+    return _SampleFn(compiled, sample_labels(config, batch_size)[0], given_noise, shape, mesh)
 
 
 class _SampleFn:
@@ -341,8 +341,9 @@ def grid_config(config):
 def grid_batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
                   num_samples: int, key: jax.Array, *, batch_size: int, progress_every: int = 0
                   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """`batches` for a training grid (`grid_config`). `progress_every` counts ancestral steps;
-    a faster method keeps x̂_0 at the same fraction of its chain (every ⌈k·S/T⌉ model calls)."""
+    """`batches` for a training grid (`grid_config`). `progress_every` counts ancestral
+    steps; a faster method keeps x̂_0 at the same fraction of its chain (every ⌈k·S/T⌉ model
+    calls)."""
     grid = grid_config(config)
     chosen = check_method(grid)
     if progress_every and chosen.name != "ancestral":

@@ -67,7 +67,7 @@ def _cli_samples(workdir, tmp_path):
 
 
 def _grid_cells(grid: np.ndarray, count: int) -> np.ndarray:
-    """The images of a row-major grid of ⌈√count⌉ columns, cells of CELL px with PAD px between."""
+    """The images of a row-major grid of ⌈√count⌉ columns: CELL px cells, PAD px between."""
     columns = int(np.ceil(np.sqrt(count)))
     cells = []
     for i in range(count):
