@@ -45,14 +45,10 @@ def run_mode(mode: str, config, workdir: str | None, checkpoint: int | None = No
 
         with workdirs.exclusive(workdir, workdirs.LOCK_NAME, "training"):
             train.train_and_evaluate(config, workdir, checkpoint)
-    elif mode == "sample" and config.sample.get("task", "generate") == "generate":
+    elif mode == "sample":
         from ddpm_jax import sample_mode
 
         sample_mode.write_samples(config, workdir, checkpoint)
-    elif mode == "sample":
-        from ddpm_jax import edit_mode
-
-        edit_mode.write_edits(config, workdir, checkpoint)
     elif mode == "eval":
         from ddpm_jax import evaluate
 

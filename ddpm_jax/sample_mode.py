@@ -1,5 +1,5 @@
-"""`--mode=sample` generation (`sample.task = "generate"`): EMA samples of a checkpoint written
-to their own results folder; the editing tasks are `edit_mode.py`."""
+"""`--mode=sample`: EMA samples of a checkpoint written to their own results folder
+(`sample.task = "generate"`), or an editing task (`edit_mode.py`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpointing, files, generate, images, parallel, results
+from ddpm_jax import checkpointing, edit_mode, files, generate, images, parallel, results
 
 
 def write_samples(config, workdir: str, checkpoint: int | None = None) -> str:
@@ -19,8 +19,10 @@ def write_samples(config, workdir: str, checkpoint: int | None = None) -> str:
 
     A conditional model samples `sample.labels` (default every class) with guidance
     `sample.guidance_scale`, one grid row per class (`generate.sample_labels`), and saves the
-    labels in the npz."""
+    labels in the npz. Another `sample.task` is run by `edit_mode.write_edits`."""
     sc = config.sample
+    if sc.get("task", "generate") != "generate":
+        return edit_mode.write_edits(config, workdir, checkpoint)
     labels, per_row = generate.sample_labels(config, sc.num_samples)  # bad labels fail first
     generate.check_method(config)
     mesh = parallel.make_mesh()
