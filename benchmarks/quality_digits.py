@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import images, metrics, parallel, sampling  # noqa: E402
+from ddpm_jax import checkpointing, generate, images, metrics, parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -117,11 +117,11 @@ def main(argv):
         config.sample.guidance_scale = FLAGS.guidance_scale
     requested = (np.arange(FLAGS.num_samples) % config.model.num_classes).astype(np.int32) \
         if conditional else None
-    sampling.requested_labels(config)  # one clear error for guidance on an unconditional run
+    generate.requested_labels(config)  # one clear error for guidance on an unconditional run
     mesh = parallel.make_mesh()
-    graphdef, params, step = sampling.load_ema_params(config, FLAGS.workdir, mesh)
+    graphdef, params, step = checkpointing.load_ema_params(config, FLAGS.workdir, mesh)
     start = time.time()
-    batches = sampling.generate(graphdef, params, config, mesh, FLAGS.num_samples,
+    batches = generate.batches(graphdef, params, config, mesh, FLAGS.num_samples,
                                 jax.random.key(FLAGS.seed), method=FLAGS.method,
                                 labels=requested)
     samples = np.concatenate([images.to_uint8(s) for s, _ in batches])

@@ -1,4 +1,4 @@
-"""Images/s of our compiled samplers (`ddpm_jax.sampling.make_sample_fn`) on this machine.
+"""Images/s of our compiled samplers (`ddpm_jax.generate.make_sample_fn`) on this machine.
 
 Each sampler is one XLA program: a `lax.scan` over the reverse chain with the UNet inside, no
 host round-trip per step. The whole 1000-step CIFAR10 chain takes an hour on 2 CPU cores, so
@@ -43,16 +43,16 @@ def build(config, mesh, batch: int, method: str, chain_steps: int):
     """Compiled sampler running `chain_steps` reverse steps; params replicated on the mesh."""
     import jax
 
-    from ddpm_jax import models, parallel, sampling
+    from ddpm_jax import generate, model_fns, parallel
 
     short = copy.deepcopy(config)
     if method == "ancestral":
         short.diffusion.num_timesteps = chain_steps
     else:
         short.sample.ddim_steps = chain_steps
-    graphdef, params = models.init_params(config)
+    graphdef, params = model_fns.init_params(config)
     params = jax.device_put(params, parallel.replicated(mesh))
-    sample_fn = sampling.make_sample_fn(graphdef, short, mesh, batch, method=method)
+    sample_fn = generate.make_sample_fn(graphdef, short, mesh, batch, method=method)
     key = jax.random.key(0)
     start = time.perf_counter()
     compiled = sample_fn.lower(params, key).compile()

@@ -33,9 +33,9 @@ def diffusers_unet_config(config) -> dict[str, Any]:
     """`UNet2DModel` kwargs computing our UNet of `config` (for CIFAR10: google/ddpm-cifar10-32)."""
     from flax import nnx
 
-    from ddpm_jax import convert, models
+    from ddpm_jax import convert, model_fns
 
-    return convert.diffusers_unet_config(nnx.eval_shape(lambda: models.create_model(config)))
+    return convert.diffusers_unet_config(nnx.eval_shape(lambda: model_fns.create_model(config)))
 
 
 def _alphas_cumprod(config):

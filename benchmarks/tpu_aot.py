@@ -5,7 +5,7 @@ for it. For each topology this script lowers and compiles
 
 * the full CIFAR10 train step (`train_step.make_train_step`, global batch 128, `steps_per_call`
   as configured, sharded over every device of the slice), and
-* the ancestral sampler (`sampling.make_sample_fn`, batch 256, the full 1000-step scan),
+* the ancestral sampler (`generate.make_sample_fn`, batch 256, the full 1000-step scan),
 
 and prints per device the argument / temporary memory XLA assigned and its cost model's time for
 one step (`cost_analysis()["optimal_seconds"]`). XLA's cost analysis counts a while-loop body
@@ -157,12 +157,12 @@ def compile_sampler(config, mesh, batch: int = SAMPLE_BATCH, method: str = "ance
     """AOT-compiles the sampler (one scan over the whole chain) for `mesh`."""
     import jax
 
-    from ddpm_jax import models, parallel, sampling
+    from ddpm_jax import generate, model_fns, parallel
 
     replicated = parallel.replicated(mesh)
     with traced_as_on_tpu():
-        graphdef, abstract_params = models.abstract_params(config)
-        sample_fn = sampling.make_sample_fn(graphdef, config, mesh, batch, method=method)
+        graphdef, abstract_params = model_fns.abstract_params(config)
+        sample_fn = generate.make_sample_fn(graphdef, config, mesh, batch, method=method)
         start = time.perf_counter()
         lowered = sample_fn.lower(_abstract(abstract_params, replicated),
                                   _abstract(jax.eval_shape(lambda: jax.random.key(0)), replicated))

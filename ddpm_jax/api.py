@@ -9,7 +9,7 @@ denoiser and a sampler.
     same_x_T = pipe.sample(16, 0, method="unipc", noise=x_T)  # x_T: [16, 32, 32, 3] floats
 
 The weights are those `--mode=sample` and `--mode=eval` use (the checkpoint's EMA), and
-`sample` keys its calls like `sampling.generate`, so the same key on the same device count
+`sample` keys its calls like `generate.batches`, so the same key on the same device count
 gives the same images as `--mode=sample` with that batch size.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from ddpm_jax import images, models, parallel, sampling
+from ddpm_jax import generate, images, model_fns, parallel
 
 OUTPUTS = ("uint8", "float")
 
@@ -77,13 +77,13 @@ class Pipeline:
     `sample`."""
 
     def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                 params: models.Params, step: int, mesh: Mesh):
+                 params: model_fns.Params, step: int, mesh: Mesh):
         self.config = config
         self.graphdef = graphdef
         self.params = params
         self.step = step
         self.mesh = mesh
-        self._apply = jax.jit(lambda p, x, t: models.denoise_fn(graphdef, p)(x, t))
+        self._apply = jax.jit(lambda p, x, t: model_fns.model_fn(graphdef, p)(x, t))
         self._sample_fns: dict[tuple, Any] = {}
 
     @property
@@ -141,7 +141,7 @@ class Pipeline:
     def _sample_config(self, method: str | None, overrides: dict[str, Any]
                        ) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(self.config.to_dict())
-        for field, value in sampling.SOLVER_DEFAULTS.items():  # a config saved before them
+        for field, value in generate.SOLVER_DEFAULTS.items():  # a config saved before them
             if field not in config.sample:
                 config.sample[field] = value
         unknown = sorted(set(overrides) - set(config.sample.keys()))
@@ -174,17 +174,17 @@ class Pipeline:
             raise ValueError(f"n={n}: ask for at least one sample")
         config = self._sample_config(method, overrides)
         if noise is not None:
-            noise = sampling.check_noise(config, n, noise)
+            noise = generate.check_noise(config, n, noise)
         num_devices = self.mesh.devices.size
         batch_size = batch_size or min(n, config.sample.batch_size)
         batch_size = -(-batch_size // num_devices) * num_devices
         cache_key = (batch_size, noise is not None, config.sample.to_json())
         if cache_key not in self._sample_fns:
-            self._sample_fns[cache_key] = sampling.make_sample_fn(
+            self._sample_fns[cache_key] = generate.make_sample_fn(
                 self.graphdef, config, self.mesh, batch_size, given_noise=noise is not None)
         key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
         # The keying and labels of `--mode=sample` (labels over all n, not per call).
-        parts = [samples for samples, _ in sampling.generate(
+        parts = [samples for samples, _ in generate.batches(
             self.graphdef, self.params, config, self.mesh, n, key, batch_size=batch_size,
             sample_fn=self._sample_fns[cache_key], noise=noise)]
         samples = np.concatenate(parts)[:n]
@@ -210,5 +210,7 @@ def load(path: str, config: ml_collections.ConfigDict | None = None, *,
     if config is None:
         config = saved_config(workdir, step)
     mesh = parallel.make_mesh(list(devices) if devices is not None else jax.local_devices())
-    graphdef, params, step = sampling.load_ema_params(config, workdir, mesh, checkpoint=step)
+    from ddpm_jax import checkpointing
+
+    graphdef, params, step = checkpointing.load_ema_params(config, workdir, mesh, checkpoint=step)
     return Pipeline(config, graphdef, params, step, mesh)

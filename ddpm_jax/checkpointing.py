@@ -16,12 +16,18 @@ import os
 import threading
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from ddpm_jax.errors import CheckpointWriteError
+
+if TYPE_CHECKING:
+    from flax import nnx
+    from jax.sharding import Mesh
 
 # Config keys that may change between a run and its resumption without changing the model.
 _RESUMABLE_KEYS = ("training", "sample", "eval", "data.prefetch", "data.data_dir",
@@ -41,10 +47,6 @@ _BOOKKEEPING_KEYS = ("sample", "eval", "data.prefetch", "data.data_dir", "traini
 
 class ConfigMismatchError(ValueError):
     """The workdir's checkpoints belong to a run with another model or data config."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
 
 
 class CheckpointCorruptError(ValueError):
@@ -90,7 +92,7 @@ class _OrbaxChatterFilter(std_logging.Filter):
     built, those about its options (a read-only manager 'setting save_interval_steps=0', 'Given
     directory is read only'), and the one about waiting for the previous save, which the
     training loop's own checkpoint line reports. (Its ~40 INFO lines per save reach the console
-    only with --verbose: main.quiet_console.)"""
+    only with --verbose: cli.quiet_console.)"""
 
     constructing = threading.local()
 
@@ -438,3 +440,24 @@ def _restore_step(manager, abstract_state, config, step, shardings):
                       step, manager.directory)
     logging.info("restored checkpoint at step %d from %s", step, manager.directory)
     return restored["state"]
+
+
+def load_ema_params(config, workdir: str, mesh: Mesh, checkpoint: int | None = None
+                    ) -> tuple[nnx.GraphDef, Any, int]:
+    """EMA weights of the latest (or given) checkpoint in `workdir`, replicated over `mesh`:
+    (graphdef, params, step), the weights that sampling, evaluation and the API use."""
+    from ddpm_jax import parallel, train_step
+
+    manager = make_manager(workdir, read_only=True)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoint_dir(workdir)}; train first "
+            "(--mode=train) or convert released weights (python -m ddpm_jax.convert).")
+    if checkpoint is not None and checkpoint not in manager.all_steps():
+        raise FileNotFoundError(
+            f"--checkpoint={checkpoint} is not in {checkpoint_dir(workdir)}; "
+            f"available steps: {list(manager.all_steps())}.")
+    graphdef, abstract_state = train_step.abstract_train_state(config)
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
+    state, step = restore(manager, abstract_state, config, step=checkpoint, shardings=shardings)
+    return graphdef, state.ema_params, step

@@ -34,7 +34,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ddpm_jax import cli, models, torch_file
+from ddpm_jax import cli, model_fns, torch_file
 from ddpm_jax.unet import UNet, tf_variable_names
 
 # TF layer scope -> diffusers submodule name.
@@ -512,14 +512,14 @@ def read_diffusers_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarr
 class ImportedWeights:
     """Imported parameters as pure dicts (`nnx.to_pure_dict` layout, what Orbax stores)."""
 
-    params: models.Params  # training weights
-    ema_params: models.Params  # weights for sampling and evaluation
+    params: model_fns.Params  # training weights
+    ema_params: model_fns.Params  # weights for sampling and evaluation
     step: int  # the source's global_step (0 if it has none)
     description: str  # which weights were taken, for the user
 
 
 def _abstract_model(config) -> UNet:
-    return nnx.eval_shape(lambda: models.create_model(config))
+    return nnx.eval_shape(lambda: model_fns.create_model(config))
 
 
 def import_tf_checkpoint(path: str, config) -> ImportedWeights:
@@ -568,7 +568,7 @@ def write_checkpoint(weights: ImportedWeights, config, workdir: str) -> str:
 
     `weights` must come from `import_*` with the same `config`. A fresh optimizer state
     (`optim.make_optimizer`) lets training continue from the imported weights;
-    `sampling.load_ema_params` reads `ema_params`. Refuses a workdir that already has
+    `checkpointing.load_ema_params` reads `ema_params`. Refuses a workdir that already has
     checkpoints; removes what it created if saving fails.
     """
     from ddpm_jax import checkpointing, optim, train_step
@@ -616,7 +616,7 @@ def convert(source_format: str, source: str, config, workdir: str) -> tuple[Impo
 
 def run_cli(source_format: str, source: str, config, workdir: str) -> int:
     """Convert and report on stdout; a user error is one `error: ...` line on stderr, exit 2."""
-    from ddpm_jax.checkpointing import CheckpointWriteError
+    from ddpm_jax.errors import CheckpointWriteError
 
     try:
         weights, directory = convert(source_format, source, config, workdir)

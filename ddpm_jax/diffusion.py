@@ -29,7 +29,7 @@ LEARNED_VAR_TYPES = ("learned", "learned_range")
 # (CIFAR10); "1e-20", log max(β̃_t, 1e-20) as `GaussianDiffusion` (the 256×256 models).
 T0_LOG_VARIANCES = ("beta_tilde_1", "1e-20")
 
-DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 # --------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def prior_bpd(schedule: Schedule, x_start: jax.Array) -> jax.Array:
 
 
 def calc_bpd_loop(
-    denoise_fn: DenoiseFn,
+    model_fn: ModelFn,
     schedule: Schedule,
     x_start: jax.Array,
     key: jax.Array,
@@ -417,7 +417,7 @@ def calc_bpd_loop(
     A single ``lax.scan`` over t = T-1..0; x_t = q_sample(x_0, t, ε) with fresh
     ε = N(0, I) from ``jax.random.fold_in(key, t)``. Returns total_bpd [B], terms_bpd [B, T]
     (column t = L_{t-1} in code indexing), prior_bpd [B] and mse [B, T] = mean((x̂_0 - x_0)²).
-    Wrap in ``jax.jit`` (with ``denoise_fn`` closed over) for repeated use.
+    Wrap in ``jax.jit`` (with ``model_fn`` closed over) for repeated use.
     """
     num_timesteps = schedule.num_timesteps
     batch = x_start.shape[0]
@@ -426,7 +426,7 @@ def calc_bpd_loop(
         t_batch = jnp.full((batch,), t, dtype=jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, t), x_start.shape, dtype=x_start.dtype)
         x_t = q_sample(schedule, x_start, t_batch, noise)
-        model_output = denoise_fn(x_t, t_batch)
+        model_output = model_fn(x_t, t_batch)
         terms, pred_xstart = vb_terms_bpd(
             schedule,
             model_output,

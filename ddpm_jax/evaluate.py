@@ -3,7 +3,7 @@
 Protocol (docs/original.md §5 and §2.6):
 
 * Samples: `eval.num_samples` EMA samples (`sample.method`, `sample.clip_denoised`) made over all
-  devices in parts of `eval.batch_size`. Part i is call i of `sampling.generate` with the key
+  devices in parts of `eval.batch_size`. Part i is call i of `generate.batches` with the key
   `fold_in(key(eval.seed), 0)`, so it is the same whether or not the eval was interrupted.
 * Inception (the FID network of 2015-12-05) runs over all devices. By default it sees the samples
   rounded to uint8 (`eval.quantize`), i.e. exactly the images stored in the parts and what an
@@ -127,7 +127,7 @@ def inception_outputs(params: Params, pixels: np.ndarray, batch_size: int, mesh:
 
     `pixels` is the full batch on every process; each process feeds its rows of the data mesh.
     """
-    from ddpm_jax.sampling import to_host
+    from ddpm_jax.generate import to_host
 
     count = pixels.shape[0]
     if count > batch_size:
@@ -295,21 +295,21 @@ def sample_meta(config, step: int, num_devices: int, fingerprint: str) -> dict[s
             "method": sc.method, "clip_denoised": bool(sc.clip_denoised),
             "quantize": bool(config.eval.quantize), "inception": fingerprint}
     if sc.method != "ancestral":
-        from ddpm_jax import sampling
+        from ddpm_jax import results
 
-        settings = sampling.method_settings(sc.to_dict())  # num_steps as the method resolves it
+        settings = results.method_settings(sc.to_dict())  # num_steps as the method resolves it
         if sc.method == "ddim":  # recorded under the names of parts made before the solvers
             meta.update(ddim_steps=int(settings["num_steps"]), ddim_eta=float(sc.ddim_eta),
                         ddim_skip=sc.ddim_skip)
         else:
-            meta.update({field: settings[field] for field in sampling.METHOD_FIELDS[sc.method]})
+            meta.update({field: settings[field] for field in results.METHOD_FIELDS[sc.method]})
     return meta
 
 
 def make_sample_parts(config, graphdef, ema_params: Params, mesh: Mesh, out_dir: str,
                       inception_params: Params) -> list[int]:
     """Generates and scores every missing part (resuming after the finished ones); returns sizes."""
-    from ddpm_jax import images, sampling
+    from ddpm_jax import generate, images
 
     ec = config.eval
     sizes = part_sizes(ec.num_samples, ec.batch_size)
@@ -321,7 +321,7 @@ def make_sample_parts(config, graphdef, ema_params: Params, mesh: Mesh, out_dir:
     key = jax.random.fold_in(jax.random.key(ec.seed), SAMPLE_KEY_TAG)
     done = sum(sizes[:first])
     progress = _Progress("eval samples", ec.num_samples, done)
-    generator = sampling.generate(graphdef, ema_params, config, mesh, ec.num_samples, key,
+    generator = generate.batches(graphdef, ema_params, config, mesh, ec.num_samples, key,
                                   batch_size=ec.batch_size, first_call=first)
     for part, (samples, _) in enumerate(generator, start=first):
         pixels = inception_input(samples, quantize=ec.quantize)
@@ -398,7 +398,7 @@ def evaluate_bpd(bpd_fn: Callable, params: Params, images_uint8: np.ndarray, bat
     Returns per-image `total_bpd`, `prior_bpd`, `decoder_bpd` [N] and per-timestep means
     `terms_bpd`, `mse` [T] over the N images.
     """
-    from ddpm_jax.sampling import to_host
+    from ddpm_jax.generate import to_host
 
     num_batches = len(images_uint8) // batch_size
     if num_batches == 0:
@@ -464,12 +464,12 @@ def bpd_splits(config) -> list[tuple[str, str, int]]:
 
 def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str, step: int,
                  out_dir: str) -> dict[str, Any]:
-    from ddpm_jax import models
+    from ddpm_jax import model_fns
 
     ec, dc = config.eval, config.diffusion
 
     def denoise(params, x, t):
-        return models.denoise_fn(graphdef, params)(x, t)
+        return model_fns.model_fn(graphdef, params)(x, t)
 
     bpd_fn = make_bpd_fn(denoise, diffusion.schedule_from_config(dc), mesh,
                          mean_type=dc.mean_type, var_type=dc.var_type,
@@ -494,13 +494,13 @@ def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str
 
 def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
     """`--mode=eval`: metrics of the latest (or `checkpoint`) EMA weights → `eval/<step>.json`."""
-    from ddpm_jax import sampling, summaries
+    from ddpm_jax import checkpointing, summaries
 
     ec = config.eval
     mesh = parallel.make_mesh()
     validate.check_batches(config, "eval", mesh)
     validate.check_eval_counts(config.eval)
-    graphdef, ema_params, step = sampling.load_ema_params(config, workdir, mesh, checkpoint)
+    graphdef, ema_params, step = checkpointing.load_ema_params(config, workdir, mesh, checkpoint)
     eval_dir = os.path.join(workdir, "eval")
     out_dir = os.path.join(eval_dir, str(step))
     started = time.time()

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ddpm_jax import models, unet
+from ddpm_jax import model_fns, unet
 
 
 def model_info(config, *, flops: bool = True) -> dict:
     """Parameter count and tensors, per-scope counts with resolutions, and XLA's FLOPs/image."""
-    model = nnx.eval_shape(lambda: models.create_model(config))
+    model = nnx.eval_shape(lambda: model_fns.create_model(config))
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     info = {
         "num_params": unet.count_params(model),
@@ -22,13 +22,13 @@ def model_info(config, *, flops: bool = True) -> dict:
         "channels": [config.model.ch * m for m in config.model.ch_mult],
     }
     if flops:
-        graphdef, params = models.abstract_params(config)
+        graphdef, params = model_fns.abstract_params(config)
         size, channels = config.data.image_size, config.data.channels
         x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
         t = jax.ShapeDtypeStruct((1,), jnp.int32)
 
         def forward(params, x, t):
-            return models.denoise_fn(graphdef, params)(x, t)
+            return model_fns.model_fn(graphdef, params)(x, t)
 
         compiled = jax.jit(forward).lower(params, x, t).compile()
         cost = compiled.cost_analysis()
@@ -43,7 +43,7 @@ def format_info(config, info: dict) -> str:
         f"num_res_blocks={config.model.num_res_blocks} "
         f"attn_resolutions={tuple(config.model.attn_resolutions)} dropout={config.model.dropout}",
         f"input: {config.data.image_size}x{config.data.image_size}x{config.data.channels}, "
-        f"output channels {models.output_channels(config)}",
+        f"output channels {model_fns.output_channels(config)}",
         f"parameters: {info['num_params']:,} in {info['num_tensors']} tensors",
         "per scope:",
     ]

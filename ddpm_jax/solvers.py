@@ -10,7 +10,7 @@ The solvers differ in how they approximate x_θ over a step from the previous mo
 Every step is a linear combination of the current point and at most four data predictions, so
 the coefficients are computed once in float64 NumPy from the ᾱ table (pure functions below,
 named after the papers' quantities) and the sampler is one ``lax.scan`` that carries the
-multistep history in its state, calling the model once per step like ``samplers.ddim_sample``.
+multistep history in its state, calling the model once per step like ``chains.ddim_sample``.
 
 Time grid: ``solver_timesteps`` gives the model-evaluation timesteps t_0 > … > t_{S-1}; the
 last step goes to ``final_timestep`` (−1 = the data, ᾱ = 1, σ = 0, as ancestral/DDIM sampling).
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ddpm_jax.diffusion import DenoiseFn
-from ddpm_jax.samplers import _num_progress_slots, _record_xstart
+from ddpm_jax import progress as progress_slots
+from ddpm_jax.diffusion import ModelFn
 
 SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 UNIPC_VARIANTS = ("bh1", "bh2")
@@ -235,7 +235,7 @@ def _grid(alphas_cumprod: ArrayLike, num_steps: int, spacing: str, final_timeste
 
 
 def _multistep_scan(
-    eps_fn: DenoiseFn,
+    eps_fn: ModelFn,
     x_T: jax.Array,
     timesteps: np.ndarray,
     alpha: np.ndarray,
@@ -289,13 +289,13 @@ def _multistep_scan(
             x_next = after_step(x_next.astype(dtype), inputs["t_next"])
         if progress is not None:
             slot = (num_steps - 1 - inputs["index"]) // xstart_every
-            progress = _record_xstart(progress, m, slot)
+            progress = progress_slots.record(progress, m, slot)
         return (x_next.astype(dtype), x, jnp.stack(outputs[:history_len]), progress), None
 
     history = jnp.zeros_like(x_T, shape=(history_len,) + x_T.shape)
     progress = None
     if xstart_every is not None:
-        progress = jnp.zeros_like(x_T, shape=(_num_progress_slots(num_steps, xstart_every),) + x_T.shape)
+        progress = jnp.zeros_like(x_T, shape=(progress_slots.num_slots(num_steps, xstart_every),) + x_T.shape)
     (samples, _, _, progress), _ = jax.lax.scan(step, (x_T, x_T, history, progress), per_step)
     if xstart_every is None:
         return samples
@@ -303,7 +303,7 @@ def _multistep_scan(
 
 
 def dpm_solver_sample(
-    eps_fn: DenoiseFn,
+    eps_fn: ModelFn,
     alphas_cumprod: ArrayLike,
     x_T: jax.Array,
     *,
@@ -341,7 +341,7 @@ def dpm_solver_sample(
 
 
 def unipc_sample(
-    eps_fn: DenoiseFn,
+    eps_fn: ModelFn,
     alphas_cumprod: ArrayLike,
     x_T: jax.Array,
     *,

@@ -19,14 +19,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddpm_jax import (checkpointing, compile_cache, images, input_pipeline, optim, parallel,
-                      profiling, sampling, summaries, utilisation,
+from ddpm_jax import (checkpointing, compile_cache, generate, images, input_pipeline, optim,
+                      parallel, profiling, summaries, utilisation,
                       train_step, validate)
+from ddpm_jax.errors import NonFiniteError
 from ddpm_jax.interrupt import StopSignal as _StopSignal
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -59,10 +56,12 @@ def write_sample_grid(config, workdir, writer, graphdef, state, mesh, step: int)
     batch = -(-tc.num_grid_samples // devices) * devices
     key = jax.random.fold_in(jax.random.key(config.sample.seed), step)
     progress_every = config.sample.progress_every if config.sample.method == "ancestral" else 0
-    samples, progress = next(sampling.generate_grid(
-        graphdef, state.ema_params, config, mesh, batch, key, batch_size=batch,
+    # num_grid_samples samples in one call padded to the devices: the labels are those of the
+    # samples (generate.sample_labels), not of the padded call.
+    samples, progress = next(generate.grid_batches(
+        graphdef, state.ema_params, config, mesh, tc.num_grid_samples, key, batch_size=batch,
         progress_every=progress_every))
-    grid = images.make_grid(images.to_uint8(samples[:tc.num_grid_samples]))
+    grid = images.make_grid(images.to_uint8(samples))
     if jax.process_index() == 0:
         images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                         images.upscale(grid))

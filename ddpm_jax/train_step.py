@@ -22,7 +22,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ddpm_jax import diffusion, gradients, models, optim, unet
+from ddpm_jax import diffusion, gradients, model_fns, optim, unet
 from ddpm_jax import images as images_lib
 from ddpm_jax.parallel import DATA_AXIS, replicated
 
@@ -48,13 +48,13 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array | flo
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer updates done so far
-    params: models.Params
-    ema_params: models.Params
+    params: model_fns.Params
+    ema_params: model_fns.Params
     opt_state: optax.OptState
     nonfinite_streak: jax.Array  # int32 scalar: consecutive skipped non-finite updates
 
 
-def init_train_state(config, graphdef: nnx.GraphDef, params: models.Params) -> TrainState:
+def init_train_state(config, graphdef: nnx.GraphDef, params: model_fns.Params) -> TrainState:
     """Step 0: the EMA shadow starts at the initial weights (docs/original.md §3.4)."""
     optimizer = optim.make_optimizer(config.training)
     return TrainState(
@@ -68,10 +68,10 @@ def init_train_state(config, graphdef: nnx.GraphDef, params: models.Params) -> T
 
 def create_train_state(config, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState]:
     """Initialises the state directly on the devices, replicated over the mesh."""
-    graphdef, _ = models.abstract_params(config)
+    graphdef, _ = model_fns.abstract_params(config)
 
     def init():
-        _, params = models.init_params(config)
+        _, params = model_fns.init_params(config)
         return init_train_state(config, graphdef, params)
 
     state = jax.jit(init, out_shardings=replicated(mesh))()
@@ -80,10 +80,10 @@ def create_train_state(config, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState]:
 
 def abstract_train_state(config) -> tuple[nnx.GraphDef, TrainState]:
     """Shapes and dtypes of the train state, e.g. as an Orbax restore target."""
-    graphdef, _ = models.abstract_params(config)
+    graphdef, _ = model_fns.abstract_params(config)
 
     def init():
-        _, params = models.init_params(config)
+        _, params = model_fns.init_params(config)
         return init_train_state(config, graphdef, params)
 
     return graphdef, jax.eval_shape(init)
@@ -152,7 +152,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable:
 
     def loss_fn(params, x_start, labels, t, noise, dropout_key):
         x_t = diffusion.q_sample(schedule, x_start, t, noise)
-        model = models.merge(graphdef, params)
+        model = model_fns.merge(graphdef, params)
         output = model(x_t, t, labels if conditional else None,
                        dropout_key=dropout_key if config.model.dropout > 0 else None)
         losses = diffusion.training_losses(

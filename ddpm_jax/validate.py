@@ -1,8 +1,8 @@
 """Config checks that run before any mode touches the workdir.
 
 `validate(config, mode, mesh)` raises a one-line `ValueError` (or `FileNotFoundError`) naming
-the first mistake and the flag that fixes it. `main.run` calls it after the device mesh exists
-and before anything is created or written, so a bad command leaves the workdir as it was.
+the first mistake and the flag that fixes it. `modes.run_mode` calls it after the device mesh
+exists and before anything is created or written, so a bad command leaves the workdir as it was.
 Checks that need the data (its size) or the workdir (the checkpoint's config) happen where
 those are read, also before the first write.
 """
@@ -18,10 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, gradients, profiling, samplers, solvers, unet
+from ddpm_jax import chains, diffusion, gradients, model_fns, profiling, solvers, unet
 from ddpm_jax.parallel import check_batch_divisible
-
-MODES = ("train", "sample", "eval", "info")
 
 # Every value the code accepts for each enumerated config entry, from the modules that
 # implement them.
@@ -33,9 +31,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.t0_log_variance": diffusion.T0_LOG_VARIANCES,
     "training.clip_mode": gradients.CLIP_MODES,
     "training.adam_eps_style": ("tf", "optax"),
-    "sample.method": samplers.METHODS,
+    "sample.method": chains.METHODS,
     "sample.timestep_spacing": solvers.SPACINGS,
-    "training.grid_method": ("sample",) + samplers.METHODS,
+    "training.grid_method": ("sample",) + chains.METHODS,
     "sample.ddim_skip": ("uniform", "quad"),
     "model.dtype": unet.COMPUTE_DTYPES,
 }
@@ -48,11 +46,6 @@ def _get(config, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"--mode={mode!r} is unknown; use one of {', '.join(MODES)}.")
 
 
 def check_choices(config) -> None:
@@ -236,7 +229,7 @@ def check_numbers(config) -> None:
     if sc.method == "ddim":
         _require(1 <= sc.ddim_steps <= dc.num_timesteps, "sample.ddim_steps", sc.ddim_steps,
                  f"in [1, diffusion.num_timesteps={dc.num_timesteps}]")
-    # The solvers' step count (sampling.check_method then checks what a spacing allows).
+    # The solvers' step count (generate.check_method then checks what a spacing allows).
     _require(sc.num_steps == 0 or 1 <= sc.num_steps <= dc.num_timesteps, "sample.num_steps",
              sc.num_steps, f"0 (the method's default) or in [1, diffusion.num_timesteps="
              f"{dc.num_timesteps}]")
@@ -253,36 +246,14 @@ def check_label_dropout(model_config) -> None:
 
 def check_sample_settings(config) -> None:
     """Labels, guidance and the editing task's settings parse and fit the model."""
-    from ddpm_jax import sampling, tasks
+    from ddpm_jax import edit_mode, generate
 
-    sampling.requested_labels(config)
-    task = config.sample.task  # an unknown one is reported by tasks.prepare_inputs
+    generate.requested_labels(config)
+    task = config.sample.task  # an unknown one is reported by edit_mode.prepare_inputs
     if task in ("img2img", "inpaint", "interpolate"):
-        tasks.resolve_t0(config, task)
+        edit_mode.resolve_t0(config, task)
     elif task == "denoise":
-        tasks.parse_steps(config.sample.denoise_steps, config.diffusion.num_timesteps)
-
-
-def check_model_shape(config) -> None:
-    """The UNet can take `data.image_size`, and attention sits at resolutions it has."""
-    mc, size = config.model, config.data.image_size
-    _require(size >= 1, "data.image_size", size, "≥ 1")
-    _require(config.data.channels in (1, 3), "data.channels", config.data.channels, "1 or 3")
-    halvings = len(mc.ch_mult) - 1
-    if size % 2 ** halvings:
-        raise ValueError(
-            f"data.image_size={size} cannot be halved {halvings} times by "
-            f"model.ch_mult={tuple(mc.ch_mult)}; use an image size divisible by {2 ** halvings}.")
-    if mc.ch % 32:
-        raise ValueError(f"model.ch={mc.ch} must be a multiple of 32 (GroupNorm uses 32 groups); "
-                         "set --config.model.ch to e.g. 32, 64 or 128.")
-    resolutions = [size // 2 ** level for level in range(halvings + 1)]
-    stray = [r for r in mc.attn_resolutions if r not in resolutions]
-    if stray:
-        raise ValueError(
-            f"model.attn_resolutions={tuple(mc.attn_resolutions)}: {stray[0]} is not a "
-            f"resolution of this UNet ({', '.join(map(str, resolutions))}); "
-            "set --config.model.attn_resolutions to some of those, or () for none.")
+        edit_mode.parse_steps(config.sample.denoise_steps, config.diffusion.num_timesteps)
 
 
 def check_data_source(data_config) -> None:
@@ -364,11 +335,11 @@ def check_training_run(config, mesh: Mesh) -> None:
 
 
 def validate(config, mode: str, mesh: Mesh | None = None) -> None:
-    """All checks for `mode`; `mesh` (the data mesh) enables the batch-split checks."""
-    check_mode(mode)
+    """All checks for `mode` (one of `modes.MODES`); `mesh` (the data mesh) enables the
+    batch-split checks."""
     check_types_and_ranges(config)
     check_choices(config)
-    check_model_shape(config)
+    model_fns.check_model_shape(config)
     if mode == "info":
         return
     check_numbers(config)
@@ -379,11 +350,10 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
         check_label_dropout(config.model)
         check_data_source(config.data)
     if mode == "train" and config.training.sample_every:
-        # The grid sampler fails now, not at the first grid (sampling imports models, which
-        # imports this module, hence the local import).
-        from ddpm_jax import sampling
+        # The grid sampler fails now, not at the first grid.
+        from ddpm_jax import generate
 
-        sampling.check_method(sampling.grid_config(config))
+        generate.check_method(generate.grid_config(config))
     if mode == "eval":
         check_eval_inputs(config.eval)
         check_eval_counts(config.eval)

@@ -30,14 +30,12 @@ from typing import Any
 
 from absl import logging
 
+from ddpm_jax.errors import WorkdirInUseError
+
 LOCK_NAME = ".lock"
 EVAL_LOCK_NAME = ".eval.lock"
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0
-
-
-class WorkdirInUseError(RuntimeError):
-    """Another process holds the workdir's lock."""
 
 
 def is_remote(path: str) -> bool:

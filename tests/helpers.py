@@ -111,12 +111,12 @@ class Watched:
 
 def trained_workdir(tmp_path_factory) -> str:
     """A real workdir with a checkpoint at step 2 of the tiny config (for module fixtures)."""
-    from ddpm_jax import main
+    from ddpm_jax import modes
 
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
     config = tiny_config()
     config.training.num_steps = 2
-    main.run("train", config, workdir)
+    modes.run_mode("train", config, workdir)
     return workdir
 
 

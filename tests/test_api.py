@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import checkpointing, models, parallel, sampling, train_step
+from ddpm_jax import checkpointing, model_fns, parallel, sample_mode, train_step
 from helpers import tiny_config
 
 
@@ -36,7 +36,7 @@ def test_denoise_takes_floats_and_timesteps_in_range(conditional):
     T = config.diffusion.num_timesteps
     x = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
     t = np.arange(8, dtype=np.int32) + T - 8
-    expected = models.denoise_fn(pipe.graphdef, pipe.params)(x, t)
+    expected = model_fns.model_fn(pipe.graphdef, pipe.params)(x, t)
     np.testing.assert_allclose(np.asarray(pipe.denoise(x, t)), np.asarray(expected), atol=1e-5)
 
     for bad_t, message in ((-1, "timestep -1 is outside the model's 0..19"),
@@ -61,7 +61,7 @@ def test_sample_draws_the_labels_and_images_of_the_cli(conditional, tmp_path):
     config = config.copy_and_resolve_references()
     config.sample.num_samples, config.sample.batch_size = 20, 16
     config.sample.progress_every = 0
-    out_dir = sampling.run(config, workdir)  # what --mode=sample runs
+    out_dir = sample_mode.write_samples(config, workdir)  # what --mode=sample runs
     saved = np.load(os.path.join(out_dir, "samples.npz"))
     np.testing.assert_array_equal(saved["labels"], np.repeat(np.arange(10), 2))
     images = pipe.sample(20, config.sample.seed, batch_size=16)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from ddpm_jax import main
+from ddpm_jax import modes
 from helpers import tiny_config, trained_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +219,7 @@ def test_bad_input_in_process(row, trained, tmp_path, capsys):
     capsys.readouterr()
 
     with pytest.raises(SystemExit) as exit_info:
-        main.run_or_exit(mode, config, workdir, extra.get("checkpoint"))
+        modes.run_or_exit(mode, config, workdir, extra.get("checkpoint"))
 
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

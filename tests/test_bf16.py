@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from ddpm_jax import models, train_step
+from ddpm_jax import model_fns, train_step
 
 BATCH = 16
 
@@ -32,7 +32,7 @@ def tiny_config(dtype: str):
 def inputs():
     """Parameters moved off their init (whose zero-initialised output layers make the model
     output ~0 and the loss ~E[ε²] whatever the precision), and one batch."""
-    _, params = models.init_params(tiny_config("float32"), seed=0)
+    _, params = model_fns.init_params(tiny_config("float32"), seed=0)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(
@@ -50,14 +50,14 @@ def results(inputs):
     out = {}
     for dtype in ("float32", "bfloat16"):
         config = tiny_config(dtype)
-        graphdef, _ = models.abstract_params(config)
+        graphdef, _ = model_fns.abstract_params(config)
         loss_fn = train_step.make_loss_fn(graphdef, config)
 
         @jax.jit
         def evaluate(params):
             (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 params, x_start, None, t, noise, None)
-            output = models.merge(graphdef, params)(x_start, t)
+            output = model_fns.merge(graphdef, params)(x_start, t)
             return loss, losses, grads, output
 
         out[dtype] = jax.device_get(evaluate(params))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, main, sampling, parallel, train, train_step
+from ddpm_jax import checkpointing, modes, parallel, train, train_step
 from helpers import tiny_config
 from test_bad_input import _snapshot
 
@@ -40,7 +40,7 @@ def _max_diff(a, b):
 def trained_4(tmp_path_factory):
     """A finished tiny run: checkpoints at 2 and 4 (copied per test before changing it)."""
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    main.run("train", tiny_config(), workdir)
+    modes.run_mode("train", tiny_config(), workdir)
     return workdir
 
 
@@ -60,7 +60,7 @@ def test_divergence_writes_no_checkpoint_after_a_skipped_update(tmp_path):
     config = tiny_config()
     config.training.num_steps = 2
     workdir = str(tmp_path / "run")
-    main.run("train", config, workdir)
+    modes.run_mode("train", config, workdir)
     good = _restore(workdir, config, 2)
 
     # lr 1e6: the first update leaves finite but exploded weights, the next ones are NaN.
@@ -68,7 +68,7 @@ def test_divergence_writes_no_checkpoint_after_a_skipped_update(tmp_path):
     config.training.num_steps = 20
     config.training.max_nonfinite = 6
     with pytest.raises(train.NonFiniteError) as error:
-        main.run("train", config, workdir)
+        modes.run_mode("train", config, workdir)
     message = str(error.value)
     # The streak stayed below max_nonfinite at step 4, 6 ...: none of them may be written.
     assert _steps(workdir) == [2]
@@ -84,12 +84,12 @@ def test_divergence_from_the_start_names_no_checkpoint(tmp_path):
     config.training.max_nonfinite = 6
     workdir = str(tmp_path / "run")
     with pytest.raises(train.NonFiniteError, match="No checkpoint in .* is older than that"):
-        main.run("train", config, workdir)
+        modes.run_mode("train", config, workdir)
     assert _steps(workdir) == []
     # With a sane learning rate the same workdir trains from scratch.
     config.training.lr = 1e-3
     config.training.num_steps = 2
-    main.run("train", config, workdir)
+    modes.run_mode("train", config, workdir)
     assert _steps(workdir) == [2]
 
 
@@ -100,7 +100,7 @@ def test_checkpoint_flag_in_train_mode_resumes_there_and_moves_later_ones_aside(
     old_4 = _restore(workdir, config, 4)
     before = _snapshot(os.path.join(workdir, "checkpoints", "4"))
 
-    main.run("train", config, workdir, 2)
+    modes.run_mode("train", config, workdir, 2)
 
     (moved,) = glob.glob(os.path.join(workdir, "checkpoints_superseded", "4-*"))
     assert _snapshot(moved) == before  # kept byte for byte, not deleted
@@ -132,7 +132,7 @@ def test_flipped_bytes_are_caught_set_aside_and_the_previous_checkpoint_used(tra
     _flip_bytes(workdir, 4)
     config.training.num_steps = 6
     with caplog.at_level(logging.WARNING):
-        main.run("train", config, workdir)
+        modes.run_mode("train", config, workdir)
     warnings = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
     assert len(warnings) == 1
     assert re.search(r"array (params|ema_params|opt_state)/\S+ .*of checkpoint 4 does not match "
@@ -151,7 +151,7 @@ def test_flipped_bytes_with_an_explicit_checkpoint_are_one_error(trained_4, tmp_
     before = _snapshot(workdir)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main.run_or_exit(mode, tiny_config(), workdir, 4)
+        modes.run_or_exit(mode, tiny_config(), workdir, 4)
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1
@@ -177,7 +177,7 @@ def test_rerun_of_a_finished_training_changes_nothing(trained_4, tmp_path, capsy
     workdir = _copy(trained_4, tmp_path)
     before = _snapshot(workdir)
     capsys.readouterr()
-    main.run_or_exit("train", tiny_config(), workdir)
+    modes.run_or_exit("train", tiny_config(), workdir)
     out = capsys.readouterr().out
     assert "is already at step 4 (training.num_steps=4); nothing to do" in out
     assert "--config.training.num_steps=8" in out
@@ -186,7 +186,7 @@ def test_rerun_of_a_finished_training_changes_nothing(trained_4, tmp_path, capsy
 
 def test_reading_a_checkpoint_warns_about_nothing(trained_4, caplog):
     with caplog.at_level(logging.DEBUG):
-        sampling.load_ema_params(tiny_config(), trained_4, parallel.make_mesh())
+        checkpointing.load_ema_params(tiny_config(), trained_4, parallel.make_mesh())
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
@@ -250,7 +250,7 @@ def test_resume_with_changed_settings_names_them_and_records_them(trained_4, tmp
     config.seed = 3
     config.training.log_every = 2  # bookkeeping: not a change of the training itself
     with caplog.at_level(logging.WARNING):
-        main.run("train", config, workdir)
+        modes.run_mode("train", config, workdir)
     (warning,) = [r.getMessage() for r in caplog.records if "changed training settings" in
                   r.getMessage()]
     assert "seed 0 -> 3" in warning and "training.lr 0.001 -> 0.0001" in warning

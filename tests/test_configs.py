@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ddpm_jax import info, main
+from ddpm_jax import info, modes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,14 +170,14 @@ def test_bad_model_shape_is_a_clear_error():
     c.data.image_size = 6  # three levels need a size divisible by 4
     c.model.ch_mult = (1, 2, 2)
     with pytest.raises(ValueError, match="data.image_size=6 cannot be halved"):
-        main.run("info", c, None)
+        modes.run_mode("info", c, None)
 
 
 @pytest.mark.parametrize("cores,expected", [(1, None), (2, 2), (3, 2), (6, 4), (96, 4)])
 def test_cpu_runs_get_one_device_per_core_that_batches_divide(cores, expected):
-    from ddpm_jax import main
+    from ddpm_jax import cli
 
-    flags = main.cpu_device_flags("--xla_cpu_enable_fast_math=false", cores)
+    flags = cli.cpu_device_flags("--xla_cpu_enable_fast_math=false", cores)
     assert flags.startswith("--xla_cpu_enable_fast_math=false")
     if expected is None:
         assert "device_count" not in flags
@@ -191,7 +191,7 @@ def test_cpu_runs_get_one_device_per_core_that_batches_divide(cores, expected):
 
 
 def test_cpu_device_count_set_by_the_user_is_kept():
-    from ddpm_jax import main
+    from ddpm_jax import cli
 
     flags = "--xla_force_host_platform_device_count=8"
-    assert main.cpu_device_flags(flags, 2) == flags
+    assert cli.cpu_device_flags(flags, 2) == flags

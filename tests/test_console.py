@@ -33,7 +33,7 @@ def _info_sources(trained, tmp_path, *flags) -> list[str]:
 
 def test_default_console_has_only_our_info_lines(trained, tmp_path):
     sources = _info_sources(trained, tmp_path)
-    assert "sampling.py" in sources  # "sampled 8 / 8"
+    assert "sample_mode.py" in sources  # "sampled 8 / 8"
     # TensorFlow's C++ start-up line (port.cc: "oneDNN custom operations are on") ignores
     # TF_CPP_MIN_LOG_LEVEL; the Python side is what --verbose controls.
     python_sources = {source for source in sources if source.endswith(".py")}

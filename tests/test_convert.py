@@ -23,7 +23,7 @@ from flax import nnx
 
 import ddpm_jax
 from configs import default
-from ddpm_jax import checkpointing, convert, models, train_step
+from ddpm_jax import checkpointing, convert, model_fns, train_step
 from ddpm_jax.unet import tf_variable_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def cifar10_config():
 
 
 def diffusers_config(config):
-    return convert.diffusers_unet_config(nnx.eval_shape(lambda: models.create_model(config)))
+    return convert.diffusers_unet_config(nnx.eval_shape(lambda: model_fns.create_model(config)))
 
 
 CIFAR10_DIFFUSERS = diffusers_config(cifar10_config())
@@ -149,7 +149,7 @@ def _forward(model, x, t):
 
 
 def test_cifar10_model_has_the_reference_tf_names():
-    model = nnx.eval_shape(lambda: models.create_model(cifar10_config()))
+    model = nnx.eval_shape(lambda: model_fns.create_model(cifar10_config()))
     names = tf_variable_names(model)
     assert len(names) == 328  # "The CIFAR10 model has 328 variable tensors."
     for name in ["model/temb/dense0/W", "model/conv_in/W", "model/down_1/block_0/nin_shortcut/W",
@@ -172,7 +172,7 @@ def test_cifar10_model_has_the_reference_tf_names():
 def tf_source(tmp_path_factory):
     """A small model's TF1 checkpoint: raw weights random, EMA shadows = a diffusers UNet's."""
     config = small_config()
-    model = nnx.eval_shape(lambda: models.create_model(config))
+    model = nnx.eval_shape(lambda: model_fns.create_model(config))
     torch.manual_seed(0)
     reference = UNet2DModel(**SMALL_DIFFUSERS).eval()
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_tf_import_prefers_ema_and_keeps_raw_for_training(tf_source, tf_converte
     graphdef, abstract_state = train_step.abstract_train_state(config)
     state, step = checkpointing.restore(manager, abstract_state, config)
     assert step == GLOBAL_STEP and int(state.step) == GLOBAL_STEP
-    model = nnx.eval_shape(lambda: models.create_model(config))
+    model = nnx.eval_shape(lambda: model_fns.create_model(config))
     params = leaves_by_tf_name(state.params, model)
     ema_params = leaves_by_tf_name(state.ema_params, model)
     for name in tf_source["raw"]:
@@ -244,7 +244,7 @@ def test_loaded_tf_checkpoint_denoises_like_direct_model_and_diffusers(tf_source
     x, t = random_inputs(8, (16, 16, 3), seed=2)
     got = np.asarray(tf_pipe.denoise(x, t))
 
-    abstract = nnx.eval_shape(lambda: models.create_model(tf_source["config"]))
+    abstract = nnx.eval_shape(lambda: model_fns.create_model(tf_source["config"]))
     direct = set_directly(abstract, tf_source["shadows"])
     expected = np.asarray(_forward(direct, jnp.asarray(x), jnp.asarray(t)))
     assert np.abs(expected).max() > 0.05
@@ -279,7 +279,7 @@ def test_cli_parses_flags_and_reports_errors_in_one_line(tf_source, tf_converted
 
 
 def small_shapes():
-    model = nnx.eval_shape(lambda: models.create_model(small_config()))
+    model = nnx.eval_shape(lambda: model_fns.create_model(small_config()))
     return model, convert._parameter_shapes(model)
 
 
@@ -391,7 +391,7 @@ def test_diffusers_unet_config_is_the_published_one_and_passes_its_own_check():
     from configs import celebahq256
 
     for config in (cifar10_config(), small_config(), celebahq256.get_config()):
-        model = nnx.eval_shape(lambda: models.create_model(config))
+        model = nnx.eval_shape(lambda: model_fns.create_model(config))
         built = convert.diffusers_unet_config(model)
         convert.check_diffusers_config(built, model)  # accepts exactly what the builder makes
         for key, value in built.items():  # and each built value is one it checks, but dropout
@@ -411,7 +411,7 @@ def test_diffusers_unet_config_is_the_published_one_and_passes_its_own_check():
                 convert.check_diffusers_config({**built, key: other}, model)
     conditional = small_config(num_classes=10)
     with pytest.raises(ValueError, match="class-conditional"):
-        convert.diffusers_unet_config(nnx.eval_shape(lambda: models.create_model(conditional)))
+        convert.diffusers_unet_config(nnx.eval_shape(lambda: model_fns.create_model(conditional)))
 
 
 @pytest.fixture(scope="module")

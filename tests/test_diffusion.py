@@ -629,11 +629,11 @@ def test_calc_bpd_loop_with_perfect_xstart_model():
     schedule = D.make_schedule(D.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.1, num_timesteps=num_timesteps))
     x0 = random_images(0, (3, 4, 4, 3))
 
-    def denoise_fn(x, t):
+    def model_fn(x, t):
         assert x.shape == x0.shape and t.shape == (3,) and t.dtype == jnp.int32
         return x0
 
-    run = jax.jit(lambda x, key: D.calc_bpd_loop(denoise_fn, schedule, x, key, mean_type="xstart", var_type="fixedsmall"))
+    run = jax.jit(lambda x, key: D.calc_bpd_loop(model_fn, schedule, x, key, mean_type="xstart", var_type="fixedsmall"))
     out = jax.tree_util.tree_map(np.asarray, run(x0, jax.random.PRNGKey(1)))
     assert out["terms_bpd"].shape == (3, num_timesteps) and out["mse"].shape == (3, num_timesteps)
     np.testing.assert_allclose(out["terms_bpd"][:, 1:], 0.0, atol=1e-6)
@@ -661,11 +661,11 @@ def test_calc_bpd_loop_uses_fresh_noise_per_timestep():
     x0 = random_images(2, (2, 4, 4, 3))
     key = jax.random.PRNGKey(9)
 
-    def denoise_fn(x, t):
+    def model_fn(x, t):
         return jnp.tanh(x) * (1.0 + t[:, None, None, None] / 50.0)
 
     run = jax.jit(
-        lambda x: D.calc_bpd_loop(denoise_fn, schedule, x, key, mean_type="eps", var_type="fixedlarge", clip_denoised=True)
+        lambda x: D.calc_bpd_loop(model_fn, schedule, x, key, mean_type="eps", var_type="fixedlarge", clip_denoised=True)
     )
     out = jax.tree_util.tree_map(np.asarray, run(x0))
 
@@ -675,7 +675,7 @@ def test_calc_bpd_loop_uses_fresh_noise_per_timestep():
         noise = jax.random.normal(jax.random.fold_in(key, t), x0.shape)
         xt = D.q_sample(schedule, x0, tb, noise)
         return D.vb_terms_bpd(
-            schedule, denoise_fn(xt, tb), x0, xt, tb, mean_type="eps", var_type="fixedlarge", clip_denoised=True
+            schedule, model_fn(xt, tb), x0, xt, tb, mean_type="eps", var_type="fixedlarge", clip_denoised=True
         )
 
     for t in [0, 1, 17, 29]:

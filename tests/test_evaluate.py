@@ -22,8 +22,8 @@ import scipy.special
 import tensorflow_datasets as tfds
 
 from configs import default
-from ddpm_jax import (checkpointing, diffusion, evaluate, images, inception, main, parallel,
-                      sampling, train_step, validate)
+from ddpm_jax import (checkpointing, diffusion, evaluate, generate, images, inception, modes,
+                      parallel, train_step, validate)
 
 LN2 = math.log(2.0)
 
@@ -325,7 +325,7 @@ def test_eval_end_to_end_on_mock_cifar10_resumes_after_a_kill(mesh, inception_np
     workdir = str(tmp_path / "workdir")
     parts_dir = os.path.join(workdir, "eval", "5")
     graphdef, ema_params = _write_checkpoint(config, workdir, mesh)
-    save_part, generate = evaluate.save_part, sampling.generate
+    save_part, batches = evaluate.save_part, generate.batches
     first_calls = []
 
     def dies_at_part_1(out_dir, part, *args):
@@ -335,9 +335,9 @@ def test_eval_end_to_end_on_mock_cifar10_resumes_after_a_kill(mesh, inception_np
 
     def recording_generate(*args, **kwargs):
         first_calls.append(kwargs.get("first_call", 0))
-        return generate(*args, **kwargs)
+        return batches(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "generate", recording_generate)
+    monkeypatch.setattr(generate, "batches", recording_generate)
     with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
         # An eval killed while writing its second part ...
         monkeypatch.setattr(evaluate, "save_part", dies_at_part_1)
@@ -348,7 +348,7 @@ def test_eval_end_to_end_on_mock_cifar10_resumes_after_a_kill(mesh, inception_np
         before = os.stat(evaluate.part_path(parts_dir, 0))
 
         # ... restarted with the command-line entry point: it makes part 1 only.
-        main.run("eval", config, workdir)
+        modes.run_mode("eval", config, workdir)
         with open(os.path.join(workdir, "eval", "5.json")) as f:
             results = json.load(f)
 
@@ -367,7 +367,7 @@ def test_eval_end_to_end_on_mock_cifar10_resumes_after_a_kill(mesh, inception_np
     parts = [np.load(evaluate.part_path(parts_dir, p)) for p in range(2)]
     samples = np.concatenate([p["images"] for p in parts])
     key = jax.random.fold_in(jax.random.key(config.eval.seed), evaluate.SAMPLE_KEY_TAG)
-    uninterrupted = np.concatenate([s for s, _ in generate(
+    uninterrupted = np.concatenate([s for s, _ in batches(
         graphdef, ema_params, config, mesh, 12, key, batch_size=8)])
     np.testing.assert_array_equal(samples, images.to_uint8(uninterrupted))
     assert samples.shape == (12, 32, 32, 3) and len({s.tobytes() for s in samples}) == 12

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, images, main, train, train_step
+from ddpm_jax import checkpointing, images, modes, train, train_step
 from helpers import tiny_config
 
 
@@ -20,7 +20,7 @@ def _restore(workdir, config, step):
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config = tiny_config()
     workdir = str(tmp_path)
-    main.run("train", config, workdir)  # checkpoints at 2 and 4
+    modes.run_mode("train", config, workdir)  # checkpoints at 2 and 4
     damaged = []
     for path in glob.glob(os.path.join(workdir, "checkpoints", "4", "state", "*")):
         if os.path.isfile(path):
@@ -29,7 +29,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplo
             damaged.append(os.path.basename(path))
     config.training.num_steps = 6
     caplog.set_level("INFO")
-    main.run("train", config, workdir)
+    modes.run_mode("train", config, workdir)
     # The run resumed from 2 (not from scratch) and went on.
     assert "resuming from step 2" in caplog.text
     assert "initialised a new model" not in caplog.text
@@ -48,7 +48,7 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkey
     config = tiny_config()
     config.training.num_steps = 2
     workdir = str(tmp_path)
-    main.run("train", config, workdir)
+    modes.run_mode("train", config, workdir)
     good = _restore(workdir, config, 2)
 
     # From now on every batch is NaN: updates must be skipped and never saved as NaN.
@@ -57,7 +57,7 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkey
     config.training.checkpoint_every = 1
     config.training.max_nonfinite = 3
     with pytest.raises(train.NonFiniteError, match="3 consecutive updates"):
-        main.run("train", config, workdir)
+        modes.run_mode("train", config, workdir)
     for step in checkpointing.make_manager(workdir, read_only=True).all_steps():
         state = _restore(workdir, config, step)
         leaves = jax.tree.leaves((state.params, state.ema_params, state.opt_state))
@@ -102,7 +102,7 @@ def test_full_disk_while_saving_is_one_error_and_keeps_earlier_checkpoints(tmp_p
 
     monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", disk_full_from_the_second_save)
     with pytest.raises(SystemExit) as exit_info:
-        main.run_or_exit("train", config, workdir)
+        modes.run_or_exit("train", config, workdir)
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == (
@@ -118,7 +118,7 @@ def test_full_disk_while_saving_is_one_error_and_keeps_earlier_checkpoints(tmp_p
 
     # With space again the same command resumes from 2 and writes 4 over the partial attempt.
     monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", original)
-    main.run_or_exit("train", config, workdir)
+    modes.run_or_exit("train", config, workdir)
     assert sorted(checkpointing.make_manager(workdir, read_only=True).all_steps()) == [2, 4]
     assert int(_restore(workdir, config, 4).step) == 4
 

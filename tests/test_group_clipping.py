@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import gradients, models, parallel, train_step
+from ddpm_jax import gradients, model_fns, parallel, train_step
 from helpers import tiny_config
 
 BATCH = 32
@@ -53,7 +53,7 @@ def _max_diff(a, b):
 def _reference_step(config, images):
     """One step of the recipe, group by group, in plain code."""
     tc = config.training
-    graphdef, params = models.init_params(config)
+    graphdef, params = model_fns.init_params(config)
     params = jax.device_get(params)
     betas = np.linspace(config.diffusion.beta_start, config.diffusion.beta_end,
                         config.diffusion.num_timesteps, dtype=np.float64)
@@ -72,7 +72,7 @@ def _reference_step(config, images):
     x_t = np.sqrt(abar[ts])[:, None, None, None] * x0 + np.sqrt(1 - abar[ts])[:, None, None, None] * eps
 
     def group_loss(p, rows):
-        out = models.merge(graphdef, p)(jnp.asarray(x_t[rows]), jnp.asarray(ts[rows]), None)
+        out = model_fns.merge(graphdef, p)(jnp.asarray(x_t[rows]), jnp.asarray(ts[rows]), None)
         return jnp.mean((jnp.asarray(eps[rows]) - out) ** 2)
 
     size = tc.clip_group_size

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import cifar10, cifar10_cond, digits_cond, mnist_cond
-from ddpm_jax import diffusion, main, models, samplers, sampling, train_step, unet
+from ddpm_jax import chains, diffusion, generate, model_fns, modes, train_step, unet
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def perturbed_model():
     """A tiny conditional model whose outputs depend visibly on the label (the initial conv_out
     is ~1e-10, so the raw init predicts ~0 whatever the class)."""
     config = conditional_config()
-    graphdef, params = models.init_params(config)
+    graphdef, params = model_fns.init_params(config)
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda p: jnp.asarray(p + 0.05 * rng.standard_normal(p.shape), jnp.float32), params)
@@ -47,22 +47,22 @@ def perturbed_model():
 
 def test_guidance_scale_0_and_1_are_the_unconditional_and_conditional_predictions(perturbed_model):
     config, graphdef, params, x, t, y = perturbed_model
-    model = models.merge(graphdef, params)
+    model = model_fns.merge(graphdef, params)
     null = jnp.full_like(y, NUM_CLASSES)
     # The same batched call the guided function makes: [x; x] with labels [y; null].
     both = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, null]))
     cond, uncond = both[:4], both[4:]
     assert float(jnp.abs(cond - uncond).max()) > 0.05  # the label matters, so w can be told apart
 
-    guided = {w: models.guided_denoise_fn(graphdef, params, y, w)(x, t) for w in (0.0, 1.0, 3.0)}
+    guided = {w: model_fns.guided_model_fn(graphdef, params, y, w)(x, t) for w in (0.0, 1.0, 3.0)}
     np.testing.assert_array_equal(guided[0.0], uncond)
     np.testing.assert_array_equal(guided[1.0], cond)
     np.testing.assert_allclose(guided[3.0], uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
 
     # Against separate batch-B calls: XLA (oneDNN) picks other convolution kernels for batch 4
     # than for batch 8, so these agree to float32 rounding (observed ≤ 2e-6), not bit for bit.
-    separate_uncond = models.denoise_fn(graphdef, params, None)(x, t)
-    separate_cond = models.denoise_fn(graphdef, params, y)(x, t)
+    separate_uncond = model_fns.model_fn(graphdef, params, None)(x, t)
+    separate_cond = model_fns.model_fn(graphdef, params, y)(x, t)
     np.testing.assert_allclose(guided[0.0], separate_uncond, atol=1e-5, rtol=0)
     np.testing.assert_allclose(guided[1.0], separate_cond, atol=1e-5, rtol=0)
 
@@ -71,7 +71,7 @@ def test_guide_mixes_only_the_mean_channels():
     rng = np.random.default_rng(1)
     cond = jnp.asarray(rng.standard_normal((2, 4, 4, 6)), jnp.float32)
     uncond = jnp.asarray(rng.standard_normal((2, 4, 4, 6)), jnp.float32)
-    out = np.asarray(models.guide(cond, uncond, 2.5, channels=3))
+    out = np.asarray(model_fns.guide(cond, uncond, 2.5, channels=3))
     np.testing.assert_allclose(out[..., :3], 2.5 * cond[..., :3] - 1.5 * uncond[..., :3],
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out[..., 3:], cond[..., 3:])  # learned variance: conditional
@@ -83,18 +83,18 @@ def test_both_samplers_take_the_guided_model(perturbed_model):
     config, graphdef, params, x, _, y = perturbed_model
     schedule = diffusion.schedule_from_config(config.diffusion)
     key = jax.random.key(3)
-    timesteps = samplers.ddim_timesteps(config.diffusion.num_timesteps, 5)
+    timesteps = chains.ddim_timesteps(config.diffusion.num_timesteps, 5)
 
     def run(denoise, method):
         if method == "ddim":
-            return samplers.ddim_sample(denoise, schedule, x, key, timesteps=timesteps)
-        return samplers.ancestral_sample(denoise, schedule, x, key, mean_type="eps",
+            return chains.ddim_sample(denoise, schedule, x, key, timesteps=timesteps)
+        return chains.ancestral_sample(denoise, schedule, x, key, mean_type="eps",
                                          var_type="fixedlarge")
 
     for method in ("ddim", "ancestral"):
-        plain = run(models.denoise_fn(graphdef, params, y), method)
-        guided1 = run(models.guided_denoise_fn(graphdef, params, y, 1.0), method)
-        guided3 = run(models.guided_denoise_fn(graphdef, params, y, 3.0), method)
+        plain = run(model_fns.model_fn(graphdef, params, y), method)
+        guided1 = run(model_fns.guided_model_fn(graphdef, params, y, 1.0), method)
+        guided3 = run(model_fns.guided_model_fn(graphdef, params, y, 3.0), method)
         np.testing.assert_allclose(guided1, plain, atol=1e-4, rtol=0)
         assert float(jnp.abs(guided3 - plain).max()) > 1e-2
 
@@ -103,9 +103,9 @@ def test_null_class_is_never_a_real_label(perturbed_model):
     assert unet.null_class(NUM_CLASSES) == NUM_CLASSES  # row num_classes (docs/deviations.md D15)
     # The unconditional prediction (w = 0, the null label) is that of no real class.
     config, graphdef, params, x, t, _ = perturbed_model
-    uncond = models.guided_denoise_fn(graphdef, params, jnp.zeros_like(t), 0.0)(x, t)
+    uncond = model_fns.guided_model_fn(graphdef, params, jnp.zeros_like(t), 0.0)(x, t)
     for label in range(NUM_CLASSES):
-        cond = models.denoise_fn(graphdef, params, jnp.full_like(t, label))(x, t)
+        cond = model_fns.model_fn(graphdef, params, jnp.full_like(t, label))(x, t)
         assert float(jnp.abs(cond - uncond).max()) > 1e-2, label
     labels = jnp.asarray(np.arange(4096) % NUM_CLASSES, jnp.int32)
     dropped = np.asarray(train_step.drop_labels(jax.random.key(0), jnp.int32(0), labels,
@@ -114,7 +114,7 @@ def test_null_class_is_never_a_real_label(perturbed_model):
     np.testing.assert_array_equal(dropped[kept], np.asarray(labels)[kept])  # real labels intact
     assert set(np.unique(dropped)) <= set(range(NUM_CLASSES + 1))
     # The embedding has one row per real class plus the null row.
-    _, params = models.abstract_params(conditional_config())
+    _, params = model_fns.abstract_params(conditional_config())
     assert params["class_embed"]["embedding"].shape[0] == NUM_CLASSES + 1
 
 
@@ -131,15 +131,15 @@ def test_label_dropout_rate_matches_probability():
 
 
 def test_conditional_param_count_adds_one_embedding_row_per_class_plus_null():
-    _, uncond = models.abstract_params(cifar10.get_config())
-    _, cond = models.abstract_params(cifar10_cond.get_config())
+    _, uncond = model_fns.abstract_params(cifar10.get_config())
+    _, cond = model_fns.abstract_params(cifar10_cond.get_config())
     temb_ch = 4 * cifar10.get_config().model.ch
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     assert count(uncond) == CIFAR10_PARAMS
     assert count(cond) == CIFAR10_PARAMS + (NUM_CLASSES + 1) * temb_ch
     assert "class_embed" not in uncond
     # The unconditional model still maps onto the original TF names one to one.
-    model = jax.eval_shape(lambda: models.create_model(cifar10.get_config()))
+    model = jax.eval_shape(lambda: model_fns.create_model(cifar10.get_config()))
     names = unet.tf_variable_names(model)
     assert len(names) == 328 and "model/temb/dense0/W" in names
 
@@ -186,8 +186,8 @@ def test_conditional_train_then_sample_one_row_per_class(tmp_path):
     config.sample.batch_size = 16
     config.sample.progress_every = 0
     workdir = str(tmp_path / "run")
-    main.run("train", config, workdir)
-    main.run("sample", config, workdir)
+    modes.run_mode("train", config, workdir)
+    modes.run_mode("sample", config, workdir)
     (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000001_seed0_w3_*"))
     saved = np.load(os.path.join(out_dir, "samples.npz"))
     assert saved["images"].shape == (20, 8, 8, 1)
@@ -203,7 +203,7 @@ def test_conditional_train_then_sample_one_row_per_class(tmp_path):
 def _assert_one_line_error_and_nothing_written(config, workdir, match):
     before = sorted(os.listdir(workdir))
     with pytest.raises(ValueError, match=match) as error:
-        main.run("sample", config, str(workdir))
+        modes.run_mode("sample", config, str(workdir))
     assert "\n" not in str(error.value)
     assert sorted(os.listdir(workdir)) == before
 
@@ -216,7 +216,7 @@ def test_guidance_or_labels_on_an_unconditional_model_is_one_error(tmp_path):
     config.sample.labels = "3"
     _assert_one_line_error_and_nothing_written(config, tmp_path, "needs a class-conditional model")
     with pytest.raises(ValueError, match="class-conditional"):
-        models.guided_denoise_fn(*models.abstract_params(config), jnp.zeros(2, jnp.int32), 3.0)
+        model_fns.guided_model_fn(*model_fns.abstract_params(config), jnp.zeros(2, jnp.int32), 3.0)
 
 
 def test_label_outside_the_classes_is_one_error(tmp_path):
@@ -226,7 +226,7 @@ def test_label_outside_the_classes_is_one_error(tmp_path):
         _assert_one_line_error_and_nothing_written(config, tmp_path, "outside the model's classes")
     config.sample.labels = "3"
     with pytest.raises(ValueError, match="labels must lie in"):
-        next(sampling.generate(None, None, config, None, 2, jax.random.key(0),
+        next(generate.batches(None, None, config, None, 2, jax.random.key(0),
                                labels=np.array([3, 12])))
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import digits
-from ddpm_jax import checkpointing, parallel, sampling, train_step
+from ddpm_jax import checkpointing, parallel, sample_mode, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/digits.py shrunk to seconds; the CLI gets the same overrides.
@@ -86,7 +86,7 @@ def test_bad_editing_inputs_are_one_error_line_and_no_output_folder(workdir, tmp
 
 
 def _sample(config, workdir, capsys):
-    out_dir = sampling.run(config, workdir)
+    out_dir = sample_mode.write_samples(config, workdir)
     return out_dir, capsys.readouterr().out
 
 
@@ -138,7 +138,7 @@ def test_a_results_folder_of_other_settings_is_never_overwritten(workdir, capsys
         json.dump(settings, f)
     npz = open(os.path.join(out_dir, "samples.npz"), "rb").read()
     with pytest.raises(ValueError, match="exists but does not hold the results of these settings"):
-        sampling.run(config, workdir)
+        sample_mode.write_samples(config, workdir)
     assert open(os.path.join(out_dir, "samples.npz"), "rb").read() == npz
 
 

@@ -2,7 +2,7 @@
 the editing tasks and the training grids.
 
 What `--mode=sample` and `Pipeline.sample` make is compared with the solvers and samplers
-called directly on the x_T each device draws (`sampling`'s keying: device d of call c uses
+called directly on the x_T each device draws (`generate`'s keying: device d of call c uses
 split(fold_in(fold_in(key, c), d))), and the editing tasks with the closed-form
 probability-flow ODE map of Gaussian data."""
 
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import (api, checkpointing, diffusion, images, models, parallel, samplers,
-                      sampling, solvers, tasks, train_step)
+from ddpm_jax import (api, chains, checkpointing, diffusion, generate, images, model_fns,
+                      parallel, results, sample_mode, solvers, tasks, train_step)
 from helpers import tiny_config
 
 NUM_DEVICES = 8
@@ -24,7 +24,7 @@ NUM_DEVICES = 8
 
 def _perturbed(config):
     """Fresh parameters plus noise, so that the output depends on x, t and the label."""
-    graphdef, params = models.init_params(config)
+    graphdef, params = model_fns.init_params(config)
     rng = np.random.default_rng(0)
     return graphdef, jax.tree.map(
         lambda p: jnp.asarray(p + 0.05 * rng.standard_normal(p.shape), jnp.float32), params)
@@ -48,7 +48,7 @@ def unconditional():
 
 
 def _device_keys(key, call=0):
-    """(noise key, loop key) of each device for call `call`, as `sampling.make_sample_fn`."""
+    """(noise key, loop key) of each device for call `call`, as `generate.make_sample_fn`."""
     call_key = jax.random.fold_in(key, call)
     return [jax.random.split(jax.random.fold_in(call_key, d)) for d in range(NUM_DEVICES)]
 
@@ -74,11 +74,11 @@ def _direct(config, denoise, x_T, loop_keys=None):
             out = solvers.unipc_sample(denoise, schedule.alphas_cumprod, x, num_steps=sc.num_steps,
                                        order=sc.solver_order, spacing=sc.timestep_spacing)
         elif sc.method == "ddim":
-            out = samplers.ddim_sample(
+            out = chains.ddim_sample(
                 denoise, schedule, x, jax.random.key(99),  # η = 0: the key is not used
-                timesteps=samplers.ddim_timesteps(dc.num_timesteps, sc.num_steps))
+                timesteps=chains.ddim_timesteps(dc.num_timesteps, sc.num_steps))
         else:
-            out = samplers.ancestral_sample(denoise, schedule, x, loop_keys[d],
+            out = chains.ancestral_sample(denoise, schedule, x, loop_keys[d],
                                             mean_type="eps", var_type=dc.var_type)
         outs.append(np.asarray(out))
     return np.concatenate(outs)
@@ -97,11 +97,11 @@ def test_mode_sample_writes_the_solver_on_each_device_x_T(tmp_path, method, orde
     checkpointing.save(manager, 1, state, config)
     manager.wait_until_finished()
 
-    out_dir = sampling.run(config, workdir)
+    out_dir = sample_mode.write_samples(config, workdir)
     assert os.path.basename(out_dir).startswith(f"{method}_step00000001_seed0_")
     saved = np.load(os.path.join(out_dir, "samples.npz"))["images"]
     x_T = _device_x_T(jax.random.key(config.sample.seed), (2, 8, 8, 1))
-    expected = _direct(config, models.denoise_fn(graphdef, params), x_T)
+    expected = _direct(config, model_fns.model_fn(graphdef, params), x_T)
     # uint8 rounding: batch-2 calls here vs the mesh's may round a pixel across a .5 boundary.
     assert np.abs(saved.astype(int) - images.to_uint8(expected).astype(int)).max() <= 1
     assert np.mean(saved == images.to_uint8(expected)) > 0.99
@@ -120,7 +120,7 @@ def test_api_noise_starts_every_method_from_the_given_x_T(unconditional, method)
     run_config.sample.method, run_config.sample.num_steps = method, steps or 20
     run_config.sample.timestep_spacing = "logsnr"
     loop_keys = [loop_key for _, loop_key in _device_keys(jax.random.key(3))]
-    expected = _direct(run_config, models.denoise_fn(graphdef, params), x_T, loop_keys)
+    expected = _direct(run_config, model_fns.model_fn(graphdef, params), x_T, loop_keys)
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
     other_key = pipe.sample(16, 4, method=method, num_steps=steps, noise=x_T, output="float")
     if method == "ancestral":  # the step noise still comes from the key
@@ -165,14 +165,14 @@ def test_solvers_take_the_guided_model(solver):
     def run(denoise):
         return np.asarray(solver(denoise, schedule.alphas_cumprod, x, num_steps=6))
 
-    plain_cond = run(models.denoise_fn(graphdef, params, y))
-    plain_uncond = run(models.denoise_fn(graphdef, params, None))
+    plain_cond = run(model_fns.model_fn(graphdef, params, y))
+    plain_uncond = run(model_fns.model_fn(graphdef, params, None))
     assert np.abs(plain_cond - plain_uncond).max() > 1e-2
-    np.testing.assert_allclose(run(models.guided_denoise_fn(graphdef, params, y, 1.0)),
+    np.testing.assert_allclose(run(model_fns.guided_model_fn(graphdef, params, y, 1.0)),
                                plain_cond, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(run(models.guided_denoise_fn(graphdef, params, y, 0.0)),
+    np.testing.assert_allclose(run(model_fns.guided_model_fn(graphdef, params, y, 0.0)),
                                plain_uncond, atol=1e-4, rtol=0)
-    guided = run(models.guided_denoise_fn(graphdef, params, y, 3.0))
+    guided = run(model_fns.guided_model_fn(graphdef, params, y, 3.0))
     assert min(np.abs(guided - plain_cond).max(), np.abs(guided - plain_uncond).max()) > 1e-2
 
 
@@ -186,9 +186,9 @@ def test_guided_solver_sampling_on_the_mesh_uses_each_samples_label():
     pipe = api.Pipeline(config, graphdef, params, 1, parallel.make_mesh())
     x_T = np.random.default_rng(4).standard_normal((16, 8, 8, 1)).astype(np.float32)
     out = pipe.sample(16, 0, noise=x_T, output="float")
-    labels, _ = sampling.labels_per_sample(list(range(10)), 16)
+    labels, _ = generate.labels_per_sample(list(range(10)), 16)
     expected = np.concatenate([
-        _direct_one(config, models.guided_denoise_fn(graphdef, params, labels[2 * d:2 * d + 2],
+        _direct_one(config, model_fns.guided_model_fn(graphdef, params, labels[2 * d:2 * d + 2],
                                                      3.0), x_T[2 * d:2 * d + 2])
         for d in range(NUM_DEVICES)])
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
@@ -239,7 +239,7 @@ def test_img2img_with_a_solver_solves_the_ode_from_t0(linear_schedule, name):
     for steps in (5, 20):
         result = tasks.img2img(gaussian_eps(linear_schedule), linear_schedule, x,
                                jax.random.key(0), t0=t0, clip_denoised=False,
-                               method=samplers.Method(name, steps, order=2,
+                               method=chains.Method(name, steps, order=2,
                                                       spacing="linspace"))
         exact = ode_map(result.start, table[t0 - 1], 1.0)
         errors[steps] = np.abs(np.asarray(result.output) - exact).max()
@@ -255,7 +255,7 @@ def test_inpaint_with_any_method_keeps_the_known_pixels(linear_schedule, name):
                           jnp.float32)
     mask = np.zeros((1, 8, 8, 1), bool)
     mask[:, 2:6, 2:6] = True
-    method = samplers.Method(name, num_steps=8, spacing="linspace")
+    method = chains.Method(name, num_steps=8, spacing="linspace")
     result = tasks.inpaint(gaussian_eps(linear_schedule), linear_schedule, x_known, mask,
                            jax.random.key(1), t0=600, method=method)
     out = np.asarray(result.output)
@@ -271,7 +271,7 @@ def test_inpaint_with_a_solver_reimposes_the_known_pixels_at_each_step(linear_sc
     nothing, inpaint is the plain solver from t0."""
     x_known = jnp.asarray(np.random.default_rng(7).uniform(-0.9, 0.9, (2, 8, 8, 1)),
                           jnp.float32)
-    method = samplers.Method("unipc", num_steps=6, spacing="linspace")
+    method = chains.Method("unipc", num_steps=6, spacing="linspace")
     eps = gaussian_eps(linear_schedule)
     nothing = tasks.inpaint(eps, linear_schedule, x_known, np.ones((1, 8, 8, 1), bool),
                             jax.random.key(2), t0=500, method=method, clip_denoised=False)
@@ -286,7 +286,7 @@ def test_editing_start_too_close_for_the_steps_is_one_error(linear_schedule):
                                          r"sample.method=dpm_solver from paper step 10: it takes "
                                          r"1\.\.9 model calls"):
         tasks.img2img(gaussian_eps(linear_schedule), linear_schedule, jnp.zeros((1, 8, 8, 1)),
-                      jax.random.key(0), t0=10, method=samplers.Method("dpm_solver", 20))
+                      jax.random.key(0), t0=10, method=chains.Method("dpm_solver", 20))
 
 
 def test_interpolate_with_a_solver_maps_the_mixed_latents_by_the_ode(linear_schedule):
@@ -295,7 +295,7 @@ def test_interpolate_with_a_solver_maps_the_mixed_latents_by_the_ode(linear_sche
     result = tasks.interpolate(gaussian_eps(linear_schedule), linear_schedule, x1, x2,
                                jax.random.key(3), t0=300, mix_weights=[0.0, 0.5, 1.0],
                                clip_denoised=False,
-                               method=samplers.Method("dpm_solver", 20, spacing="linspace"))
+                               method=chains.Method("dpm_solver", 20, spacing="linspace"))
     table = np.asarray(linear_schedule.alphas_cumprod, np.float64)
     exact = ode_map(result.start, table[299], 1.0)
     error = np.abs(np.asarray(result.output) - exact).max()
@@ -313,7 +313,7 @@ def test_settings_of_other_solver_settings_differ_and_ddim_alias_matches():
     def settings(**sample):
         config = tiny_config()
         config.sample.update(sample)
-        return sampling.generate_settings(config, 1, 8)
+        return results.generate_settings(config, 1, 8)
 
     base = settings(method="dpm_solver", num_steps=5)
     for change in (dict(solver_order=3), dict(timestep_spacing="trailing"), dict(num_steps=6),
@@ -334,7 +334,7 @@ PAPER_CONFIGS = ("cifar10", "cifar10_cond", "celebahq256", "lsun_bedroom", "lsun
 @pytest.mark.parametrize("name", SMALL_CONFIGS + PAPER_CONFIGS)
 def test_training_grids_use_dpm_solver_in_small_configs_and_ancestral_in_paper_configs(name):
     config = importlib.import_module(f"configs.{name}").get_config()
-    grid = sampling.chain_method(sampling.grid_config(config).sample)
+    grid = generate.chain_method(generate.grid_config(config).sample)
     if name in SMALL_CONFIGS:
         assert (grid.name, grid.num_steps, grid.order) == ("dpm_solver", 25, 2)
     else:
@@ -348,11 +348,11 @@ def test_training_grid_is_the_solver_on_each_device_x_T(unconditional):
     config.training.grid_method, config.training.grid_steps = "dpm_solver", 6
     config.sample.timestep_spacing = "linspace"
     key = jax.random.key(5)
-    samples, progress = next(sampling.generate_grid(
+    samples, progress = next(generate.grid_batches(
         graphdef, params, config, parallel.make_mesh(), 16, key, batch_size=16,
         progress_every=5))
     solver_config = _solver_config("dpm_solver", steps=6, spacing="linspace")
-    expected = _direct(solver_config, models.denoise_fn(graphdef, params),
+    expected = _direct(solver_config, model_fns.model_fn(graphdef, params),
                        _device_x_T(key, (2, 8, 8, 1)))
     np.testing.assert_allclose(samples, expected, atol=2e-5, rtol=0)
     # progress_every = 5 of T = 20 ancestral steps is every ⌈5·6/20⌉ = 2 of the 6 model calls.
@@ -362,7 +362,7 @@ def test_training_grid_is_the_solver_on_each_device_x_T(unconditional):
 def test_training_grid_of_a_short_schedule_takes_the_steps_it_allows():
     config = tiny_config()  # T = 20: a 25-call grid cannot fit
     config.training.grid_method = "dpm_solver"
-    method = sampling.check_method(sampling.grid_config(config))
+    method = generate.check_method(generate.grid_config(config))
     table = diffusion.schedule_from_config(config.diffusion).alphas_cumprod
     assert method.num_steps < 20
     with pytest.raises(ValueError, match="repeats timesteps of the 20-step schedule"):  # one more does not fit the logsnr grid
@@ -373,23 +373,23 @@ def test_editing_default_steps_take_the_share_of_the_chain_they_run():
     config = _solver_config("dpm_solver", steps=0, spacing="logsnr")
     config.diffusion.num_timesteps = 1000
     # The full chain's default 25 calls do not fit logsnr from t0 = 500 (at most 23 there).
-    method = sampling.check_method(config, start=500)
+    method = generate.check_method(config, start=500)
     assert method.num_steps == 13  # ⌈25 · 500 / 1000⌉
     config.sample.num_steps = 25
     with pytest.raises(ValueError, match="from paper step 500: num_steps=25 with spacing "
                                          "'logsnr' repeats timesteps of the 500-step schedule"):
-        sampling.check_method(config, start=500)
+        generate.check_method(config, start=500)
 
 
 def test_a_grid_sampler_the_model_cannot_take_stops_training_before_it_starts(tmp_path):
-    from ddpm_jax import main
+    from ddpm_jax import modes
 
     config = tiny_config()
     config.diffusion.mean_type = "xstart"
     config.training.sample_every = 2
     config.training.grid_method, config.training.grid_steps = "dpm_solver", 5
     with pytest.raises(ValueError, match="sample.method=dpm_solver needs an eps model"):
-        main.run("train", config, str(tmp_path / "run"))
+        modes.run_mode("train", config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 
 

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.samplers.
+"""Tests for ddpm_jax.chains.
 
 References: the exact (analytic) denoiser for Gaussian data, for which the sampled distribution can be
 propagated in closed form (float64 NumPy); plain Python loops over the single-step functions; and
@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ddpm_jax import diffusion as D
-from ddpm_jax import samplers as S
+from ddpm_jax import chains as S
 
 T = 1000
 # The scan body and the separately compiled single step are fused differently by XLA, so results agree to
@@ -43,11 +43,11 @@ def small_schedule():
 def gaussian_data_eps(schedule):
     """ε*(x_t, t) = E[ε | x_t] for data N(μ, s²): (x_t - √ᾱ_t μ) √(1-ᾱ_t) / (ᾱ_t s² + 1 - ᾱ_t)."""
 
-    def denoise_fn(x, t):
+    def model_fn(x, t):
         alpha_bar = D.extract(schedule.alphas_cumprod, t, x.ndim)
         return (x - jnp.sqrt(alpha_bar) * DATA_MEAN) * jnp.sqrt(1 - alpha_bar) / (alpha_bar * DATA_STD**2 + 1 - alpha_bar)
 
-    return denoise_fn
+    return model_fn
 
 
 class ExactGaussianChain:
@@ -121,10 +121,10 @@ def assert_moments(samples, mean, std, n_se=5.0):
 
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
 def test_ancestral_sampling_recovers_gaussian_data(linear_betas, linear_schedule, var_type):
-    denoise_fn = gaussian_data_eps(linear_schedule)
+    model_fn = gaussian_data_eps(linear_schedule)
     sample = jax.jit(
         lambda x, key: S.ancestral_sample(
-            denoise_fn, linear_schedule, x, key, mean_type="eps", var_type=var_type, clip_denoised=False
+            model_fn, linear_schedule, x, key, mean_type="eps", var_type=var_type, clip_denoised=False
         )
     )
     x_T = jax.random.normal(jax.random.PRNGKey(0), (2048, 8, 8, 1))
@@ -142,11 +142,11 @@ def test_ancestral_sampling_recovers_gaussian_data(linear_betas, linear_schedule
 
 @pytest.mark.parametrize("num_steps", [50, 1000])
 def test_ddim_sampling_on_gaussian_data(linear_betas, linear_schedule, num_steps):
-    denoise_fn = gaussian_data_eps(linear_schedule)
+    model_fn = gaussian_data_eps(linear_schedule)
     timesteps = S.ddim_timesteps(T, num_steps)
     sample = jax.jit(
         lambda x, key: S.ddim_sample(
-            denoise_fn, linear_schedule, x, key, timesteps=timesteps, eta=0.0, clip_denoised=False
+            model_fn, linear_schedule, x, key, timesteps=timesteps, eta=0.0, clip_denoised=False
         )
     )
     x_T = jax.random.normal(jax.random.PRNGKey(2), (2048, 8, 8, 1))

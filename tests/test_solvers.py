@@ -23,7 +23,7 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import diffusion as D
-from ddpm_jax import models, parallel
+from ddpm_jax import model_fns, parallel
 from ddpm_jax import solvers as S
 from helpers import tiny_config
 
@@ -109,11 +109,11 @@ def unet_eps():
     parameter perturbed by N(0, 0.05²) so that no zero-initialised layer hides a path."""
     config = tiny_config()
     config.diffusion.num_timesteps = T
-    graphdef, params = models.init_params(config, seed=0)
+    graphdef, params = model_fns.init_params(config, seed=0)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda p: jnp.asarray(p + 0.05 * rng.standard_normal(p.shape), jnp.float32),
                           params)
-    eps_fn = models.denoise_fn(graphdef, params)
+    eps_fn = model_fns.model_fn(graphdef, params)
     apply = jax.jit(eps_fn)
 
     def numpy_eps(x: np.ndarray, t: int) -> np.ndarray:

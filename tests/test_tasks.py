@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing, diffusion, main, parallel, tasks, train_step
+from ddpm_jax import checkpointing, diffusion, edit_mode, modes, parallel, tasks, train_step
 from helpers import tiny_config
 
 T = 50
@@ -27,20 +27,20 @@ def schedule():
 def smooth_eps(schedule):
     """A fixed, non-trivial ε-model: any function of (x_t, t) will do for these properties."""
 
-    def denoise_fn(x, t):
+    def model_fn(x, t):
         return 0.5 * jnp.tanh(x) + 0.01 * t.astype(jnp.float32)[:, None, None, None]
 
-    return denoise_fn
+    return model_fn
 
 
 def oracle_eps(schedule, x_start):
     """ε(x_t, t) = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t): a model that knows x_0, so x̂_0 = x_0."""
 
-    def denoise_fn(x, t):
+    def model_fn(x, t):
         alpha_bar = diffusion.extract(schedule.alphas_cumprod, t, x.ndim)
         return (x - jnp.sqrt(alpha_bar) * x_start) / jnp.sqrt(1.0 - alpha_bar)
 
-    return denoise_fn
+    return model_fn
 
 
 def images(seed, shape=(4, 8, 8, 1)):
@@ -118,7 +118,7 @@ def test_denoise_is_the_one_step_x0_prediction(schedule):
     x = images(7, (64, 8, 8, 1))
     steps = [0, 10, 49]
     model = smooth_eps(schedule)
-    x_t, pred = tasks.denoise(model, schedule, x, jax.random.key(0), timesteps=steps,
+    x_t, pred = tasks.one_step_denoise(model, schedule, x, jax.random.key(0), timesteps=steps,
                               clip_denoised=False)
     assert x_t.shape == pred.shape == (3,) + x.shape
     for i, t in enumerate(steps):
@@ -132,7 +132,7 @@ def test_denoise_is_the_one_step_x0_prediction(schedule):
         assert abs(noise.mean()) < 5 / np.sqrt(noise.size)
         assert abs(noise.std() - 1) < 5 / np.sqrt(2 * noise.size)
     with pytest.raises(ValueError, match="outside"):
-        tasks.denoise(model, schedule, x, jax.random.key(0), timesteps=[T])
+        tasks.one_step_denoise(model, schedule, x, jax.random.key(0), timesteps=[T])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,13 +147,13 @@ def _write_png(path, array):
 def test_input_and_mask_size_errors(tmp_path):
     good = _write_png(tmp_path / "digit.png", np.full((8, 8), 200))
     small = _write_png(tmp_path / "small.png", np.full((6, 6), 255))
-    assert tasks.load_images(good, 8, 1).shape == (1, 8, 8, 1)
+    assert edit_mode.load_images(good, 8, 1).shape == (1, 8, 8, 1)
     with pytest.raises(ValueError, match="6x6, the model takes 8x8"):
-        tasks.load_images(small, 8, 1)
+        edit_mode.load_images(small, 8, 1)
     with pytest.raises(ValueError, match="mask must be the same size"):
-        tasks.load_mask(small, 8)
+        edit_mode.load_mask(small, 8)
     np.savez(tmp_path / "batch.npz", images=np.zeros((3, 8, 8, 1), np.uint8))
-    assert tasks.load_images(str(tmp_path / "batch.npz"), 8, 1).shape == (3, 8, 8, 1)
+    assert edit_mode.load_images(str(tmp_path / "batch.npz"), 8, 1).shape == (3, 8, 8, 1)
 
     config = tiny_config()
     config.sample.task = "inpaint"
@@ -162,7 +162,7 @@ def test_input_and_mask_size_errors(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     with pytest.raises(ValueError, match="mask must be the same size") as error:
-        main.run("sample", config, str(workdir))
+        modes.run_mode("sample", config, str(workdir))
     assert "\n" not in str(error.value) and os.listdir(workdir) == []
 
 
@@ -225,7 +225,7 @@ def test_each_task_writes_input_output_and_strip(conditional_workdir, tmp_path):
                              ("inpaint", -1, "_t20"), ("interpolate", 0, "_t0"),
                              ("denoise", -1, "")):
         config.sample.task, config.sample.t0 = task, t0
-        main.run("sample", config, workdir)
+        modes.run_mode("sample", config, workdir)
         (out_dir,) = glob.glob(os.path.join(workdir, "samples",
                                             f"{task}_step00000001_seed0{suffix}_*"))
         outputs[task, t0] = saved = dict(np.load(os.path.join(out_dir, "outputs.npz")))
@@ -255,11 +255,11 @@ def test_inputs_are_repeated_per_label_only_with_guidance(tmp_path):
     config.sample.input = _write_png(tmp_path / "digit.png", np.full((8, 8), 100))
     config.sample.labels = "2,5,9"
     config.sample.guidance_scale = 3.0
-    inputs = tasks.prepare_inputs(config)
+    inputs = edit_mode.prepare_inputs(config)
     np.testing.assert_array_equal(inputs.labels, [2, 5, 9])
     assert inputs.x.shape == (3, 8, 8, 1) and inputs.t0 == config.diffusion.num_timesteps // 2
     config.sample.guidance_scale = 0.0  # unconditional: the labels change nothing, edit once
-    inputs = tasks.prepare_inputs(config)
+    inputs = edit_mode.prepare_inputs(config)
     assert inputs.labels is None and inputs.x.shape == (1, 8, 8, 1)
     config.sample.strength = 0.25
-    assert tasks.prepare_inputs(config).t0 == 5
+    assert edit_mode.prepare_inputs(config).t0 == 5

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing, main, train_step
+from ddpm_jax import checkpointing, modes, train_step
 from helpers import Watched, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,11 +52,11 @@ def test_mock_cifar10_train_resume_sample(tmp_path):
     config.training.sample_every = 4
     workdir = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=64):
-        main.run("train", config, workdir)
+        modes.run_mode("train", config, workdir)
         assert sorted(int(os.path.basename(p)) for p in
                       glob.glob(os.path.join(workdir, "checkpoints", "*"))) == [2, 4]
         config.training.num_steps = 6
-        main.run("train", config, workdir)
+        modes.run_mode("train", config, workdir)
     state, step = _final_state(workdir, config)
     assert step == 6 and int(state.step) == 6
 
@@ -68,7 +68,7 @@ def test_mock_cifar10_train_resume_sample(tmp_path):
     tiles = read_grid(os.path.join(workdir, "samples", "step_00000004.png"), 4, 4, 32)
     assert tiles.shape == (16, 32, 32, 3) and tiles.reshape(16, -1).std(axis=1).min() > 0
 
-    main.run("sample", config, workdir)
+    modes.run_mode("sample", config, workdir)
     (out_dir,) = glob.glob(os.path.join(workdir, "samples", "ancestral_step00000006_seed0_*"))
     samples = np.load(os.path.join(out_dir, "samples.npz"))["images"]
     assert samples.shape == (16, 32, 32, 3) and samples.dtype == np.uint8
@@ -87,11 +87,11 @@ def test_resume_continues_exactly(tmp_path):
     config.data.random_flip = True
     config.model.dropout = 0.1  # dropout keys are functions of the step too
     config.training.num_steps = 4
-    main.run("train", config, str(tmp_path / "straight"))
+    modes.run_mode("train", config, str(tmp_path / "straight"))
     config.training.num_steps = 2
-    main.run("train", config, str(tmp_path / "resumed"))
+    modes.run_mode("train", config, str(tmp_path / "resumed"))
     config.training.num_steps = 4
-    main.run("train", config, str(tmp_path / "resumed"))
+    modes.run_mode("train", config, str(tmp_path / "resumed"))
     straight, _ = _final_state(str(tmp_path / "straight"), config)
     resumed, step = _final_state(str(tmp_path / "resumed"), config)
     assert step == 4

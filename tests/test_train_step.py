@@ -65,7 +65,7 @@ def test_per_device_clipping_equals_clipping_each_shard_then_averaging(clipping_
     # x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε and ᾱ from the float64 linear schedule. Each shard's gradient is
     # clipped to norm 0.05, the 8 are averaged, and one TF1 Adam step follows (docs/original.md
     # §3.4): m = (1 − β1) g, v = (1 − β2) g², θ − lr·√(1 − β2)/(1 − β1)·m/(√v + ε̂).
-    from ddpm_jax import models
+    from ddpm_jax import model_fns
 
     _, initial = train_step.create_train_state(config, parallel.make_mesh(jax.devices()[:1]))
     initial = jax.device_get(initial)
@@ -87,7 +87,7 @@ def test_per_device_clipping_equals_clipping_each_shard_then_averaging(clipping_
         x_t = jnp.asarray(root * np.stack(xs) + np.sqrt(1 - root**2) * noise, jnp.float32)
 
         def loss(params):
-            return jnp.mean((noise - models.denoise_fn(graphdef, params)(x_t, t)) ** 2)
+            return jnp.mean((noise - model_fns.model_fn(graphdef, params)(x_t, t)) ** 2)
 
         grads = jax.grad(loss)(initial.params)
         norm = float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64))

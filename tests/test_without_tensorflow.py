@@ -16,7 +16,7 @@ def test_train_sample_eval_without_tensorflow(tmp_path):
         import glob, json, os
         import numpy as np
         import ddpm_jax
-        from ddpm_jax import inception, main
+        from ddpm_jax import inception, modes
         from helpers import tiny_config
 
         tmp = {str(tmp_path)!r}
@@ -38,7 +38,7 @@ def test_train_sample_eval_without_tensorflow(tmp_path):
         config.eval.train_stats = config.eval.test_stats = os.path.join(tmp, "stats.npz")
         workdir = os.path.join(tmp, "run")
         for mode in ("train", "sample", "eval"):
-            main.run(mode, config, workdir)
+            modes.run_mode(mode, config, workdir)
         assert "tensorflow" not in sys.modules and "tensorflow_datasets" not in sys.modules
         print(json.dumps({{"checkpoints": sorted(os.listdir(os.path.join(workdir, "checkpoints"))),
                           "samples": glob.glob(os.path.join(workdir, "samples", "*", "samples.npz")),

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ddpm_jax import main, sampling
+from ddpm_jax import generate, modes
 from ddpm_jax import workdir as workdirs
 from helpers import Watched, tiny_config, tiny_config_file, trained_workdir
 
@@ -84,7 +84,7 @@ def test_lock_of_a_killed_holder_is_taken_over_with_a_warning(tmp_path, caplog):
     config = tiny_config()
     config.training.num_steps = 2
     with caplog.at_level("WARNING"):
-        main.run_or_exit("train", config, workdir)
+        modes.run_or_exit("train", config, workdir)
     warnings = [r.getMessage() for r in caplog.records if "took over the lock" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"took over the lock of pid {holder.pid} on host {HOST}, "
@@ -104,7 +104,7 @@ def test_locked_workdir_is_one_error_line_and_left_as_it_was(mode, name, what, t
             before = f.read()
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            main.run_or_exit(mode, tiny_config(), workdir)
+            modes.run_or_exit(mode, tiny_config(), workdir)
         assert exit_info.value.code == 2
         [line] = _errors(capsys.readouterr().err)
         assert line.startswith(f"error: --workdir={workdir} is in use by another {what} (pid "
@@ -176,10 +176,10 @@ def _fails_with(mode, workdir, capsys, monkeypatch) -> str:
     def no_compute(*args, **kwargs):
         raise AssertionError("sampled before checking the workdir")
 
-    monkeypatch.setattr(sampling, "generate", no_compute)
+    monkeypatch.setattr(generate, "batches", no_compute)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main.run_or_exit(mode, tiny_config(), workdir)
+        modes.run_or_exit(mode, tiny_config(), workdir)
     assert exit_info.value.code == 2
     [line] = _errors(capsys.readouterr().err)
     return line

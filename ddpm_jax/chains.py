@@ -1,8 +1,8 @@
 """Compiled samplers: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021).
 
 Each sampler is one ``lax.scan`` over the reverse steps (no Python loop per step, no host
-round-trip), so ``jax.jit(lambda x, k: ancestral_sample(denoise_fn, schedule, x, k, ...))``
-compiles the whole chain into a single program. ``denoise_fn(x, t) -> model_output`` takes
+round-trip), so ``jax.jit(lambda x, k: ancestral_sample(model_fn, schedule, x, k, ...))``
+compiles the whole chain into a single program. ``model_fn(x, t) -> model_output`` takes
 x [B, H, W, C] and int32 t [B]. The per-step functions ``p_sample`` and ``ddim_step`` are pure
 in (model output, noise) so they can be tested against other implementations.
 
@@ -12,7 +12,6 @@ so the same key always gives the same samples.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import progress as progress_slots
+from ddpm_jax import solvers
 from ddpm_jax.diffusion import (
-    DenoiseFn,
+    ModelFn,
     Schedule,
     extract,
     p_mean_variance,
@@ -40,21 +41,9 @@ def _broadcast_batch(values: jax.Array, ndim: int) -> jax.Array:
     return values.reshape(values.shape + (1,) * (ndim - values.ndim))
 
 
-def _num_progress_slots(num_steps: int, xstart_every: int) -> int:
-    if xstart_every <= 0:
-        raise ValueError("xstart_every must be a positive integer")
-    return math.ceil(num_steps / xstart_every)
-
-
 # --------------------------------------------------------------------------------------
 # DDPM ancestral sampling
 # --------------------------------------------------------------------------------------
-
-
-def _record_xstart(progress: jax.Array, pred_xstart: jax.Array, slot: jax.Array) -> jax.Array:
-    """Writes this step's x̂_0 prediction into progress slot `slot` (the last write wins)."""
-    return jax.lax.dynamic_update_index_in_dim(progress, pred_xstart.astype(progress.dtype), slot,
-                                               axis=0)
 
 
 def p_sample(
@@ -81,7 +70,7 @@ def p_sample(
 
 
 def ancestral_sample(
-    denoise_fn: DenoiseFn,
+    model_fn: ModelFn,
     schedule: Schedule,
     x_T: jax.Array,
     key: jax.Array,
@@ -111,7 +100,7 @@ def ancestral_sample(
     def step(carry, t):
         x, progress = carry
         t_batch = jnp.full((batch,), t, dtype=jnp.int32)
-        model_output = denoise_fn(x, t_batch)
+        model_output = model_fn(x, t_batch)
         x_prev, pred_xstart = p_sample(
             schedule,
             model_output,
@@ -126,12 +115,12 @@ def ancestral_sample(
             x_prev = after_step(x_prev, t)
         if progress is not None:
             # t descends, so the last write to slot t // n happens at t = n·(t // n).
-            progress = _record_xstart(progress, pred_xstart, t // xstart_every)
+            progress = progress_slots.record(progress, pred_xstart, t // xstart_every)
         return (x_prev, progress), None
 
     progress = None
     if xstart_every is not None:
-        num_slots = _num_progress_slots(num_timesteps, xstart_every)
+        num_slots = progress_slots.num_slots(num_timesteps, xstart_every)
         progress = jnp.zeros_like(x_T, shape=(num_slots,) + x_T.shape)  # same device-variance as x_T
     timesteps = jnp.arange(num_timesteps - 1, -1, -1, dtype=jnp.int32)
     (samples, progress), _ = jax.lax.scan(step, (x_T, progress), timesteps)
@@ -222,7 +211,7 @@ def ddim_step(
 
 
 def ddim_sample(
-    denoise_fn: DenoiseFn,
+    model_fn: ModelFn,
     schedule: Schedule,
     x_T: jax.Array,
     key: jax.Array,
@@ -255,7 +244,7 @@ def ddim_sample(
         t = timesteps[index]
         t_batch = jnp.full((batch,), t, dtype=jnp.int32)
         t_prev_batch = jnp.full((batch,), previous_timesteps[index], dtype=jnp.int32)
-        model_output = denoise_fn(x, t_batch)
+        model_output = model_fn(x, t_batch)
         noise = jnp.zeros_like(x) if deterministic else _step_noise(key, t, x)
         x_prev, pred_xstart = ddim_step(
             schedule,
@@ -271,12 +260,12 @@ def ddim_sample(
         if after_step is not None:
             x_prev = after_step(x_prev, previous_timesteps[index])
         if progress is not None:
-            progress = _record_xstart(progress, pred_xstart, index // xstart_every)
+            progress = progress_slots.record(progress, pred_xstart, index // xstart_every)
         return (x_prev, progress), None
 
     progress = None
     if xstart_every is not None:
-        progress = jnp.zeros_like(x_T, shape=(_num_progress_slots(num_steps, xstart_every),) + x_T.shape)
+        progress = jnp.zeros_like(x_T, shape=(progress_slots.num_slots(num_steps, xstart_every),) + x_T.shape)
     (samples, progress), _ = jax.lax.scan(step, (x_T, progress), step_indices)
     if xstart_every is None:
         return samples
@@ -331,7 +320,7 @@ def model_calls(method: Method, start: int) -> int:
 
 def run_chain(
     method: Method,
-    denoise_fn: DenoiseFn,
+    model_fn: ModelFn,
     schedule: Schedule,
     x_t: jax.Array,
     key: jax.Array,
@@ -355,23 +344,20 @@ def run_chain(
     check_start(method, start)
     if method.name == "ancestral" or start == 0:  # start 0: no step, x_t is returned
         hook = None if after_step is None else (lambda x_prev, t: after_step(x_prev, t - 1))
-        return ancestral_sample(denoise_fn, schedule, x_t, key, mean_type=mean_type,
+        return ancestral_sample(model_fn, schedule, x_t, key, mean_type=mean_type,
                                 var_type=var_type, clip_denoised=clip_denoised,
                                 xstart_every=xstart_every, num_steps=start, after_step=hook)
     if method.name == "ddim":
-        return ddim_sample(denoise_fn, schedule, x_t, key,
+        return ddim_sample(model_fn, schedule, x_t, key,
                            timesteps=ddim_timesteps(start, method.num_steps, method.ddim_skip),
                            eta=method.ddim_eta, mean_type=mean_type, clip_denoised=clip_denoised,
                            xstart_every=xstart_every, after_step=after_step)
-    # solvers.py builds on this module's progress helpers, so it is imported here.
-    from ddpm_jax import solvers
-
     if method.name not in SOLVER_METHODS:
         raise ValueError(f"sample.method={method.name!r} is unknown; use one of "
                          f"{', '.join(METHODS)}.")
     check_mean_type(method, mean_type)
     solve = solvers.dpm_solver_sample if method.name == "dpm_solver" else solvers.unipc_sample
     table = np.asarray(schedule.alphas_cumprod)[:start]
-    return solve(denoise_fn, table, x_t, num_steps=method.num_steps, order=method.order,
+    return solve(model_fn, table, x_t, num_steps=method.num_steps, order=method.order,
                  spacing=method.spacing, clip_denoised=clip_denoised, xstart_every=xstart_every,
                  after_step=after_step)

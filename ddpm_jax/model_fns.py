@@ -1,7 +1,10 @@
 """Builds the configured UNet and turns it into a pure function of a parameter pytree.
 
+The shape rules of the UNet (`check_model_shape`) live here, next to the one function that
+builds it, and `validate.py` calls them.
+
 Training, sampling, evaluation and the importers all hold parameters as a plain nested dict of
-arrays (what Orbax saves); `denoise_fn` merges them back into the NNX module under `jit`.
+arrays (what Orbax saves); `model_fn` merges them back into the NNX module under `jit`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ddpm_jax import unet, validate
+from ddpm_jax import unet
 
 Params = dict[str, Any]
 
@@ -26,9 +29,34 @@ def output_channels(config) -> int:
     return 2 * channels if config.diffusion.var_type in LEARNED_VARIANCES else channels
 
 
+def check_model_shape(config) -> None:
+    """The UNet can take `data.image_size`, and attention sits at resolutions it has."""
+    mc, size = config.model, config.data.image_size
+    if size < 1:
+        raise ValueError(f"data.image_size={size!r} must be ≥ 1; set --config.data.image_size.")
+    if config.data.channels not in (1, 3):
+        raise ValueError(f"data.channels={config.data.channels!r} must be 1 or 3; set "
+                         "--config.data.channels.")
+    halvings = len(mc.ch_mult) - 1
+    if size % 2 ** halvings:
+        raise ValueError(
+            f"data.image_size={size} cannot be halved {halvings} times by "
+            f"model.ch_mult={tuple(mc.ch_mult)}; use an image size divisible by {2 ** halvings}.")
+    if mc.ch % 32:
+        raise ValueError(f"model.ch={mc.ch} must be a multiple of 32 (GroupNorm uses 32 groups); "
+                         "set --config.model.ch to e.g. 32, 64 or 128.")
+    resolutions = [size // 2 ** level for level in range(halvings + 1)]
+    stray = [r for r in mc.attn_resolutions if r not in resolutions]
+    if stray:
+        raise ValueError(
+            f"model.attn_resolutions={tuple(mc.attn_resolutions)}: {stray[0]} is not a "
+            f"resolution of this UNet ({', '.join(map(str, resolutions))}); "
+            "set --config.model.attn_resolutions to some of those, or () for none.")
+
+
 def create_model(config, seed: int | None = None) -> unet.UNet:
     """The UNet of `config.model`, initialised like the original (docs/original.md §1.2)."""
-    validate.check_model_shape(config)
+    check_model_shape(config)
     model_config = config.model
     return unet.UNet(
         ch=model_config.ch,
@@ -65,7 +93,7 @@ def merge(graphdef: nnx.GraphDef, params: Params) -> unet.UNet:
     return nnx.merge(graphdef, state)
 
 
-def denoise_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array | None = None
+def model_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array | None = None
                ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """`(x_t, t) -> model output` with dropout off, as used by every sampler and the bound.
 
@@ -96,12 +124,12 @@ def guide(cond_output: jax.Array, uncond_output: jax.Array, guidance_scale: floa
     return jnp.concatenate([mean_part, cond_output[..., channels:]], axis=-1)
 
 
-def guided_denoise_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array,
+def guided_model_fn(graphdef: nnx.GraphDef, params: Params, labels: jax.Array,
                       guidance_scale: float | jax.Array
                       ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """`(x_t, t) -> guided model output` of a class-conditional model, in ONE batched model call
     per step: the UNet sees concat([x, x]) with labels concat([y, null]) and the two halves are
-    combined by `guide`. Works in any sampler that takes a `denoise_fn`."""
+    combined by `guide`. Works in any sampler that takes a `model_fn`."""
     model = merge(graphdef, params)
     if not unet.is_conditional(model.num_classes):
         raise ValueError(

@@ -1,21 +1,25 @@
-"""Generating images with the whole `data` mesh: each device runs the compiled sampler
-(`sample.method` through `samplers.run_chain`: ancestral, DDIM, or the DPM-Solver++ / UniPC
-ODE solvers of `solvers.py`, each one `lax.scan`) on its share of the batch.
+"""The sampling library: n samples from EMA weights on the whole `data` mesh, for
+`--mode=sample` (`sample_mode.py`), `Pipeline.sample` (`api.py`), the training grids
+(`train.write_sample_grid`), evaluation (`evaluate.make_sample_parts`) and the editing tasks
+(`edit_mode.py`, which take `chain_method` and `sampling_model_fn` from here).
 
-Device d draws its x_T and step noise from `fold_in(key, d)`, so a key gives the same samples
-on the same device count. Batches larger than one call are generated in consecutive calls
-keyed `fold_in(key, call index)`.
+* Method: `check_method` / `chain_method` turn `config.sample` into a `chains.Method`
+  (ancestral, DDIM, or the DPM-Solver++ / UniPC ODE solvers of `solvers.py`, each one
+  `lax.scan`); `make_sample_fn` compiles it over the mesh, each device on its share of a batch.
+* Labels: `sample_labels`, one rule for every caller: the requested classes in blocks over all
+  n samples (one grid row per class), never per batch.
+* Keys: device d of call c draws its x_T and step noise from `fold_in(fold_in(key, c), d)`, so
+  a key gives the same samples for the same batch size and device count.
+* Batches: `batches` pads the last call to the batch size, trims it and moves every call's
+  samples to the host (`to_host`).
 
-Class-conditional models (`model.num_classes > 1`) sample each image for a requested label
-with classifier-free guidance `sample.guidance_scale` (`models.guided_denoise_fn`: one batched
-model call per step, in every sampler); `--mode=sample` writes one grid row per class.
+Class-conditional models (`model.num_classes > 1`) sample each image for its label with
+classifier-free guidance `sample.guidance_scale` (`model_fns.guided_model_fn`: one batched
+model call per step, in every sampler).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -27,7 +31,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import diffusion, models, samplers, solvers, unet
+from ddpm_jax import chains, diffusion, model_fns, solvers, unet
 from ddpm_jax.parallel import DATA_AXIS, check_batch_divisible
 
 
@@ -75,30 +79,40 @@ def labels_per_sample(classes: list[int], num_samples: int) -> tuple[np.ndarray,
     return labels, per_row
 
 
-def make_denoise_fn(graphdef: nnx.GraphDef, params: models.Params, config,
-                    labels: jax.Array | None) -> Callable:
+def sample_labels(config, num_samples: int) -> tuple[np.ndarray | None, int | None]:
+    """(labels [num_samples] int32, samples per class) of `num_samples` samples: for a
+    conditional model `labels_per_sample` of `requested_labels` over all of them, whatever the
+    batch; (None, None) for an unconditional one."""
+    classes = requested_labels(config)
+    if classes is None:
+        return None, None
+    return labels_per_sample(classes, num_samples)
+
+
+def sampling_model_fn(graphdef: nnx.GraphDef, params: model_fns.Params, config,
+                      labels: jax.Array | None) -> Callable:
     """The sampler's `(x, t) -> output`: plain for unconditional models; for conditional ones the
     guided output, with w = 0 (unconditional) and w = 1 (conditional) in a single-batch call,
-    which `models.guide` shows to give the same numbers."""
+    which `model_fns.guide` shows to give the same numbers."""
     if not unet.is_conditional(config.model.num_classes):
-        return models.denoise_fn(graphdef, params)
+        return model_fns.model_fn(graphdef, params)
     w = guidance_scale(config)
     if w == 0:
-        return models.denoise_fn(graphdef, params, None)
+        return model_fns.model_fn(graphdef, params, None)
     if w == 1:
-        return models.denoise_fn(graphdef, params, labels)
-    return models.guided_denoise_fn(graphdef, params, labels, w)
+        return model_fns.model_fn(graphdef, params, labels)
+    return model_fns.guided_model_fn(graphdef, params, labels, w)
 
 
 DEFAULT_SOLVER_STEPS = 25  # dpm_solver / unipc when sample.num_steps = 0
-METHODS = samplers.METHODS
+METHODS = chains.METHODS
 # configs/default.py's values of the fields added with the solvers, for configs saved before.
 SOLVER_DEFAULTS = {"num_steps": 0, "solver_order": 2, "timestep_spacing": "logsnr"}
 
 
 def chain_method(sample_config, method: str | None = None, *, start: int | None = None,
-                 num_timesteps: int | None = None) -> samplers.Method:
-    """The `samplers.Method` of `config.sample` (or of `method` instead of `sample.method`).
+                 num_timesteps: int | None = None) -> chains.Method:
+    """The `chains.Method` of `config.sample` (or of `method` instead of `sample.method`).
 
     `sample.num_steps` = 0 means the method's default: `sample.ddim_steps` (its older name,
     kept as an alias) for ddim, 25 for dpm_solver and unipc; an editing chain from paper step
@@ -120,21 +134,21 @@ def chain_method(sample_config, method: str | None = None, *, start: int | None 
         steps = int(sc["ddim_steps"]) if name == "ddim" else DEFAULT_SOLVER_STEPS
         if start is not None and start < num_timesteps:
             steps = max(1, -(-steps * start // num_timesteps))
-    return samplers.Method(name, steps, int(sc["solver_order"]), str(sc["timestep_spacing"]),
-                           float(sc["ddim_eta"]), str(sc["ddim_skip"]))
+    return chains.Method(name, steps, int(sc["solver_order"]), str(sc["timestep_spacing"]),
+                         float(sc["ddim_eta"]), str(sc["ddim_skip"]))
 
 
 def check_method(config, method: str | None = None, *, start: int | None = None
-                 ) -> samplers.Method:
+                 ) -> chains.Method:
     """`chain_method` (from paper step `start`, default T), with the time grid of a solver
     built once on the host, so that a step count its spacing cannot take is one error line
     before anything is read or written."""
     num_timesteps = config.diffusion.num_timesteps
     start = num_timesteps if start is None else start
     chosen = chain_method(config.sample, method, start=start, num_timesteps=num_timesteps)
-    samplers.check_start(chosen, start)
-    samplers.check_mean_type(chosen, config.diffusion.mean_type)
-    if chosen.name in samplers.SOLVER_METHODS and start > 0:
+    chains.check_start(chosen, start)
+    chains.check_mean_type(chosen, config.diffusion.mean_type)
+    if chosen.name in chains.SOLVER_METHODS and start > 0:
         table = np.asarray(diffusion.schedule_from_config(config.diffusion).alphas_cumprod)
         table = table[:start]
         try:
@@ -170,10 +184,10 @@ def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, 
         noise_key, loop_key = jax.random.split(key)
         if x_T is None:
             x_T = jax.random.normal(noise_key, shape, jnp.float32)
-        denoise = make_denoise_fn(graphdef, params, config, labels)
-        return samplers.run_chain(chosen, denoise, schedule, x_T, loop_key,
-                                  mean_type=dc.mean_type, var_type=dc.var_type,
-                                  clip_denoised=sc.clip_denoised, xstart_every=xstart_every)
+        model_fn = sampling_model_fn(graphdef, params, config, labels)
+        return chains.run_chain(chosen, model_fn, schedule, x_T, loop_key,
+                                mean_type=dc.mean_type, var_type=dc.var_type,
+                                clip_denoised=sc.clip_denoised, xstart_every=xstart_every)
 
     out_specs = (P(DATA_AXIS), P(None, DATA_AXIS)) if xstart_every else P(DATA_AXIS)
     # Only the inputs in use are arguments: unconditional, drawn noise is (params, key).
@@ -186,8 +200,8 @@ def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, 
     compiled = jax.jit(jax.shard_map(program, mesh=mesh,
                                      in_specs=(P(), P()) + (P(DATA_AXIS),) * len(extra),
                                      out_specs=out_specs))
-    default_labels = None if classes is None else labels_per_sample(classes, batch_size)[0]
-    return _SampleFn(compiled, default_labels, given_noise, shape, mesh)
+    # Called without labels, one batch takes the labels of that many samples.
+    return _SampleFn(compiled, sample_labels(config, batch_size)[0], given_noise, shape, mesh)
 
 
 class _SampleFn:
@@ -251,7 +265,7 @@ def check_noise(config, num_samples: int, noise) -> np.ndarray:
     return noise
 
 
-def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
+def batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
              num_samples: int, key: jax.Array, *, batch_size: int | None = None,
              method: str | None = None, progress_every: int = 0, first_call: int = 0,
              labels: np.ndarray | None = None, sample_fn: Callable | None = None,
@@ -259,8 +273,8 @@ def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
              ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yields (samples, progress or None) per call until `num_samples` are made (last trimmed).
 
-    `labels` [num_samples]: the class of each sample for a conditional model (default: one
-    block of rows per class of `sample.labels`, see `labels_per_sample`). `noise`
+    `labels` [num_samples]: the class of each sample for a conditional model (default
+    `sample_labels`: one block of rows per class of `sample.labels`). `noise`
     [num_samples, H, W, C]: the x_T of each sample instead of drawing them from the key (the
     step noise of ancestral / DDIM η > 0 sampling still comes from the key). `sample_fn`: a
     compiled `make_sample_fn` for these settings, `batch_size` and noise, to reuse one."""
@@ -268,8 +282,8 @@ def generate(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
     noise = None if noise is None else check_noise(config, num_samples, noise)
     classes = requested_labels(config)
     if labels is None:
-        labels = (np.zeros(num_samples, np.int32) if classes is None
-                  else labels_per_sample(classes, num_samples)[0])
+        labels = sample_labels(config, num_samples)[0]
+        labels = np.zeros(num_samples, np.int32) if labels is None else labels
     labels = np.asarray(labels, np.int32)
     num_classes = config.model.num_classes
     if classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
@@ -324,177 +338,16 @@ def grid_config(config):
     return grid
 
 
-def generate_grid(graphdef: nnx.GraphDef, params: models.Params, config, mesh: Mesh,
+def grid_batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh,
                   num_samples: int, key: jax.Array, *, batch_size: int, progress_every: int = 0
                   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """`generate` for a training grid (`grid_config`). `progress_every` counts ancestral steps;
-    a faster method keeps x̂_0 at the same fraction of its chain (every ⌈k·S/T⌉ model calls)."""
+    """`batches` for a training grid (`grid_config`). `progress_every` counts ancestral
+    steps; a faster method keeps x̂_0 at the same fraction of its chain (every ⌈k·S/T⌉ model
+    calls)."""
     grid = grid_config(config)
     chosen = check_method(grid)
     if progress_every and chosen.name != "ancestral":
         progress_every = max(1, -(-progress_every * chosen.num_steps
                                   // config.diffusion.num_timesteps))
-    return generate(graphdef, params, grid, mesh, num_samples, key, batch_size=batch_size,
+    return batches(graphdef, params, grid, mesh, num_samples, key, batch_size=batch_size,
                     progress_every=progress_every)
-
-
-# Fields of `config.sample` that only editing tasks read; `--mode=sample` generation ignores them.
-EDIT_ONLY_FIELDS = ("task", "input", "input2", "mask", "t0", "strength", "num_mix",
-                    "denoise_steps")
-DDIM_FIELDS = ("ddim_steps", "ddim_eta", "ddim_skip")
-SOLVER_FIELDS = ("solver_order", "timestep_spacing")
-# What each method reads of `config.sample` beyond the common fields (num_steps as resolved).
-METHOD_FIELDS = {"ancestral": ("progress_every",), "ddim": DDIM_FIELDS + ("num_steps",),
-                 "dpm_solver": SOLVER_FIELDS + ("num_steps",),
-                 "unipc": SOLVER_FIELDS + ("num_steps",)}
-SETTINGS_FILE = "settings.json"
-
-
-def output_settings(config, step: int, num_devices: int, sample: dict) -> dict:
-    """What decides a `--mode=sample` result: the checkpoint step, the device count (x_T and the
-    step noise are keyed per device), the model and diffusion configs and the given
-    `config.sample` fields. Fields not known to be irrelevant are kept, so a new field can only
-    make a new folder, never an overwrite."""
-    return {"step": int(step), "devices": int(num_devices), "sample": sample,
-            "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
-            "data": {"image_size": config.data.image_size, "channels": config.data.channels}}
-
-
-def method_settings(sample: dict) -> dict:
-    """`sample` (a `config.sample` dict) without the fields of other methods, with num_steps as
-    the method resolves it (so the old name ddim_steps and num_steps give the same folder).
-    Ancestral settings read as before the solvers existed."""
-    method = sample["method"]
-    other = {field for fields in METHOD_FIELDS.values() for field in fields}
-    out = {k: v for k, v in sample.items() if k not in other - set(METHOD_FIELDS[method])}
-    if method != "ancestral":
-        out["num_steps"] = chain_method(ml_collections.ConfigDict(sample)).num_steps
-        out.pop("ddim_steps", None)
-    return out
-
-
-def generate_settings(config, step: int, num_devices: int) -> dict:
-    sample = {k: v for k, v in config.sample.to_dict().items() if k not in EDIT_ONLY_FIELDS}
-    return output_settings(config, step, num_devices, method_settings(sample))
-
-
-def _canonical(settings: dict) -> str:
-    return json.dumps(settings, sort_keys=True, default=str)
-
-
-def output_dir(workdir: str, prefix: str, settings: dict) -> tuple[str, bool]:
-    """(`workdir/samples/<prefix>_<hash>`, whether it already holds these settings' results).
-
-    One folder per distinct settings, named by a hash of them, with the settings in
-    `settings.json`: a run with other settings never replaces earlier results, the same settings
-    again give the same folder (and, being deterministic, the same files). A folder of that name
-    with other (or no) settings is refused, not overwritten."""
-    from etils import epath  # local paths and gs:// alike, as files.atomic_write writes them
-
-    digest = hashlib.sha256(_canonical(settings).encode()).hexdigest()[:10]
-    path = os.path.join(workdir, "samples", f"{prefix}_{digest}")
-    if not epath.Path(path).exists():
-        return path, False
-    try:
-        saved = json.loads(epath.Path(path, SETTINGS_FILE).read_text())
-        same = _canonical(saved) == _canonical(settings)
-    except (OSError, ValueError):
-        same = False
-    if not same:
-        raise ValueError(f"{path} exists but does not hold the results of these settings (its "
-                         f"{SETTINGS_FILE} is missing or differs); move it away or use another "
-                         "--workdir.")
-    return path, True
-
-
-def write_settings(out_dir: str, settings: dict) -> None:
-    from ddpm_jax import files
-
-    files.save_json(os.path.join(out_dir, SETTINGS_FILE), settings)
-
-
-def report_written(what: str, out_dir: str, existed: bool) -> None:
-    if existed:
-        print(f"{out_dir} already held {what} for these settings; rewrote the same results")
-    else:
-        print(f"wrote {what} to {out_dir}")
-
-
-def load_ema_params(config, workdir: str, mesh: Mesh, checkpoint: int | None = None
-                    ) -> tuple[nnx.GraphDef, models.Params, int]:
-    """EMA weights of the latest (or given) checkpoint in `workdir`, replicated over `mesh`."""
-    from ddpm_jax import checkpointing, parallel, train_step
-
-    manager = checkpointing.make_manager(workdir, read_only=True)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first "
-            "(--mode=train) or convert released weights (python -m ddpm_jax.convert).")
-    if checkpoint is not None and checkpoint not in manager.all_steps():
-        raise FileNotFoundError(
-            f"--checkpoint={checkpoint} is not in {checkpointing.checkpoint_dir(workdir)}; "
-            f"available steps: {list(manager.all_steps())}.")
-    graphdef, abstract_state = train_step.abstract_train_state(config)
-    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
-    state, step = checkpointing.restore(manager, abstract_state, config, step=checkpoint,
-                                        shardings=shardings)
-    return graphdef, state.ema_params, step
-
-
-def run(config, workdir: str, checkpoint: int | None = None) -> str:
-    """`--mode=sample`: EMA samples → `samples/<method>_step<step>_seed<seed>[_w<w>]_<hash>/`
-    (see `output_dir`): `samples.npz` (uint8), a grid PNG, `settings.json` and, for ancestral
-    sampling with `sample.progress_every`, a denoising strip and GIF.
-
-    A conditional model samples `sample.labels` (default every class) with guidance
-    `sample.guidance_scale`, one grid row per class, and saves the labels in the npz; the
-    editing tasks (`sample.task != "generate"`) are run by `tasks.run`."""
-    from absl import logging
-
-    from ddpm_jax import files, images, parallel
-
-    sc = config.sample
-    task = sc.get("task", "generate")
-    if task != "generate":
-        from ddpm_jax import tasks
-
-        return tasks.run(config, workdir, checkpoint)
-    classes = requested_labels(config)  # bad labels/guidance fail before anything is read
-    check_method(config)
-    labels, per_row = (None, None) if classes is None else labels_per_sample(classes,
-                                                                             sc.num_samples)
-    mesh = parallel.make_mesh()
-    graphdef, params, step = load_ema_params(config, workdir, mesh, checkpoint)
-    name = f"{sc.method}_step{step:08d}_seed{sc.seed}"
-    if classes is not None:
-        name += f"_w{guidance_scale(config):g}"
-    settings = generate_settings(config, step, mesh.devices.size)
-    out_dir, existed = output_dir(workdir, name, settings)
-    progress_every = sc.progress_every if sc.method == "ancestral" else 0
-    key = jax.random.key(sc.seed)
-    all_samples, first_progress = [], None
-    for samples, progress in generate(graphdef, params, config, mesh, sc.num_samples, key,
-                                      progress_every=progress_every, labels=labels):
-        all_samples.append(images.to_uint8(samples))
-        if first_progress is None:
-            first_progress = progress
-        logging.info("sampled %d / %d", sum(len(s) for s in all_samples), sc.num_samples)
-    samples_uint8 = np.concatenate(all_samples)
-    if jax.process_index() == 0:
-        write_settings(out_dir, settings)
-        if labels is None:
-            files.save_npz(os.path.join(out_dir, "samples.npz"), images=samples_uint8)
-            grid = images.make_grid(samples_uint8[:100])
-        else:  # one row per requested class
-            files.save_npz(os.path.join(out_dir, "samples.npz"), images=samples_uint8,
-                           labels=labels)
-            grid = images.make_grid(samples_uint8, columns=per_row)
-        images.save_png(os.path.join(out_dir, "grid.png"), images.upscale(grid))
-        if first_progress is not None:
-            images.save_png(os.path.join(out_dir, "progress.png"),
-                            images.upscale(images.progress_strip(first_progress)))
-            frames = [images.upscale(images.make_grid(images.to_uint8(p[:16])))
-                      for p in first_progress[::-1]]
-            images.save_gif(os.path.join(out_dir, "progress.gif"), frames)
-        report_written(f"{len(samples_uint8)} samples of step {step}", out_dir, existed)
-    return out_dir

@@ -1,0 +1,118 @@
+"""Issue #15, item 1: the API (`Pipeline.sample`), the CLI (`--mode=sample`) and the training
+grids draw their samples through one library, so that for the same key and batch they give the
+same labels and the same images.
+
+A class-conditional model with perturbed weights (so that every output depends on x, t and the
+label) and guidance w = 2; 20 samples of 10 classes in batches of 16, and a grid of 20 samples on
+8 devices (calls of 24). The labels are the rule of `--mode=sample`, written out here: class
+k for samples 2k and 2k + 1, over all 20 samples, never restarting per call or counting the
+padding of the last call.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import api, checkpointing, parallel, train, train_step
+from helpers import tiny_config, tiny_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_DEVICES = 8
+N, BATCH, CELL, PAD = 20, 16, 8, 2
+OVERRIDES = {"model.num_classes": 10, "sample.guidance_scale": 2.0, "sample.method": "ddim",
+             "sample.num_steps": 3, "sample.num_samples": N, "sample.batch_size": BATCH,
+             "training.num_grid_samples": N, "training.grid_method": "sample"}
+EXPECTED_LABELS = np.repeat(np.arange(10), 2)  # 20 samples of 10 classes: two per class
+
+
+def _config():
+    config = tiny_config()
+    for dotted, value in OVERRIDES.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(config, workdir with a checkpoint at step 1 of perturbed EMA weights, its state)."""
+    config = _config()
+    workdir = str(tmp_path_factory.mktemp("paths") / "run")
+    _, state = train_step.create_train_state(config, parallel.make_mesh(jax.local_devices()[:1]))
+    rng = np.random.default_rng(0)
+    ema = jax.tree.map(lambda p: jnp.asarray(p + 0.05 * rng.standard_normal(p.shape),
+                                             jnp.float32), state.ema_params)
+    state = state._replace(ema_params=ema)
+    manager = checkpointing.make_manager(workdir, config.training)
+    checkpointing.save(manager, 1, state, config)
+    manager.wait_until_finished()
+    return config, workdir, state
+
+
+def _cli_samples(workdir, tmp_path):
+    args = [f"--config.{dotted}={value}" for dotted, value in OVERRIDES.items()]
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.main", "--config", tiny_config_file(tmp_path),
+         "--workdir", workdir, "--mode=sample", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr[-3000:]
+    [folder] = os.listdir(os.path.join(workdir, "samples"))
+    return np.load(os.path.join(workdir, "samples", folder, "samples.npz"))
+
+
+def _grid_cells(grid: np.ndarray, count: int) -> np.ndarray:
+    """The images of a row-major grid of ⌈√count⌉ columns: CELL px cells, PAD px between."""
+    columns = int(np.ceil(np.sqrt(count)))
+    cells = []
+    for i in range(count):
+        row, column = divmod(i, columns)
+        top, left = PAD + row * (CELL + PAD), PAD + column * (CELL + PAD)
+        cells.append(grid[top:top + CELL, left:left + CELL])
+    return np.stack(cells)
+
+
+def test_cli_and_api_draw_the_same_labels_and_images(saved, tmp_path):
+    config, workdir, _ = saved
+    cli = _cli_samples(workdir, tmp_path)
+    np.testing.assert_array_equal(cli["labels"], EXPECTED_LABELS)
+    pipe = api.load(workdir)
+    assert pipe.mesh.devices.size == NUM_DEVICES
+    from_api = pipe.sample(N, config.sample.seed)  # batch min(20, 16) = 16, as the CLI's
+    assert from_api.shape == cli["images"].shape == (N, 8, 8, 1)
+    np.testing.assert_array_equal(from_api, cli["images"])
+
+
+class _Writer:
+    def write_images(self, step, pictures):
+        self.step, self.pictures = step, pictures
+
+
+def test_training_grid_draws_the_labels_of_its_samples_not_of_its_padded_call(saved, tmp_path):
+    config, workdir, state = saved
+    mesh = parallel.make_mesh()
+    ema = jax.device_put(state.ema_params, parallel.replicated(mesh))
+    writer = _Writer()
+    step = 3
+    graphdef, _ = train_step.abstract_train_state(config)
+    train.write_sample_grid(config, str(tmp_path / "grids"), writer, graphdef,
+                            state._replace(ema_params=ema), mesh, step)
+    assert writer.step == step
+    grid = writer.pictures["samples"][0]
+    rows, columns = -(-N // 5), 5
+    assert grid.shape == (PAD + rows * (CELL + PAD), PAD + columns * (CELL + PAD), 1)
+    cells = _grid_cells(grid, N)
+
+    # The grid's one call has 24 rows (20 rounded up to the 8 devices) and the key of its step.
+    pipe = api.load(workdir)
+    key = jax.random.fold_in(jax.random.key(config.sample.seed), step)
+    same_call = pipe.sample(N, key, batch_size=24)
+    np.testing.assert_array_equal(cells, same_call)
+    # ... whose labels are those of the 20 samples: the CLI's rule, not per call of 24.
+    per_call = pipe.sample(24, key, batch_size=24)[:N]  # labels of 24 samples, 3 per class
+    assert np.abs(cells.astype(int) - per_call.astype(int)).max() > 10
