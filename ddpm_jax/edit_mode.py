@@ -264,7 +264,7 @@ def render_outputs(config, inputs: TaskInputs, edited: dict[str, np.ndarray]
 def write_outputs(out_dir: str, config, inputs: TaskInputs, edited: dict[str, np.ndarray],
                   settings: dict) -> None:
     """settings.json, the pictures of `render_outputs` and outputs.npz in `out_dir`."""
-    from ddpm_jax import files, generate, images
+    from ddpm_jax import files, images
 
     pictures, arrays = render_outputs(config, inputs, edited)
     results.write_settings(out_dir, settings)

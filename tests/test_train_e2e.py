@@ -11,7 +11,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from ddpm_jax import checkpointing, modes, train_step
 from helpers import Watched, tiny_config

@@ -3,10 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from ddpm_jax import optim, parallel, train_step
+from ddpm_jax import parallel, train_step
 from helpers import tiny_config
 
 
