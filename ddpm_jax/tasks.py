@@ -27,7 +27,7 @@ import numpy as np
 from ddpm_jax import diffusion, samplers
 from ddpm_jax.diffusion import DenoiseFn, Schedule
 
-TASKS = ("generate", "img2img", "inpaint", "interpolate", "denoise")
+TASKS = ("generate", "img2img", "inpaint", "interpolate", "denoise", "anagram", "hybrid")
 
 
 class EditResult(NamedTuple):
@@ -488,9 +488,11 @@ def task_settings(config, inputs: TaskInputs, step: int) -> dict:
 def run(config, workdir: str, checkpoint: int | None = None) -> str:
     """`--mode=sample` with `sample.task` = img2img | inpaint | interpolate | denoise. Every input
     is checked before the checkpoint is read, so a bad input writes nothing."""
-    from ddpm_jax import parallel, sampling
+    from ddpm_jax import composed, parallel, sampling
 
     sc = config.sample
+    if sc.task in composed.TASKS:  # generation from two classes, no input images
+        return composed.run(config, workdir, checkpoint)
     inputs = prepare_inputs(config)
     # A task is a few images: one device, not a copy of the work on each device of the mesh.
     mesh = parallel.make_mesh(jax.local_devices()[:1])

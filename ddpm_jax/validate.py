@@ -173,6 +173,10 @@ RULES: dict[str, Rule] = {
     "sample.num_mix": Rule(int, 2, note="the mixing weights linspace(0, 1, num_mix) run from "
                                         "the first image to the second"),
     "sample.denoise_steps": STR,
+    "sample.compose_labels": STR,
+    "sample.anagram_flip": STR,
+    "sample.hybrid_kernel_size": Rule(int, 1, note="odd"),
+    "sample.hybrid_sigma": Rule(float, 0, low_open=True),
     "eval.num_samples": Rule(int, 0, note="0 = no IS/FID"),
     "eval.batch_size": COUNT,
     "eval.seed": ANY_INT,
@@ -244,7 +248,7 @@ def check_numbers(config) -> None:
 
 def check_sample_settings(config) -> None:
     """Labels, guidance and the editing task's settings parse and fit the model."""
-    from ddpm_jax import sampling, tasks
+    from ddpm_jax import composed, sampling, tasks
 
     sampling.requested_labels(config)
     task = config.sample.task  # an unknown one is reported by tasks.prepare_inputs
@@ -252,6 +256,8 @@ def check_sample_settings(config) -> None:
         tasks.resolve_t0(config, task)
     elif task == "denoise":
         tasks.parse_steps(config.sample.denoise_steps, config.diffusion.num_timesteps)
+    elif task in composed.TASKS:
+        composed.check_settings(config)
 
 
 def check_model_shape(config) -> None:
