@@ -126,4 +126,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.bpd_clip_denoised = True  # like the original's calc_bpd_loop
     evaluation.every = 0  # training-time eval every K steps on few samples; 0 = off
     evaluation.num_samples_during_training = 2048
+    # Sampler sweep: "" = sample.* as set; or a comma list of method:steps[:order], e.g.
+    # "ancestral:1000,ddim:50,dpm_solver:20,dpm_solver:20:3,unipc:10" (steps = model calls)
+    evaluation.samplers = ""
     return config

@@ -191,6 +191,7 @@ RULES: dict[str, Rule] = {
     "eval.bpd_clip_denoised": BOOL,
     "eval.every": EVERY,
     "eval.num_samples_during_training": COUNT,
+    "eval.samplers": STR,
 }
 
 
@@ -366,3 +367,6 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
         sampling.check_method(sampling.grid_config(config))
     if mode == "eval":
         check_eval_inputs(config.eval)
+        from ddpm_jax import evaluate
+
+        evaluate.parse_samplers(config)
