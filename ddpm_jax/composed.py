@@ -236,7 +236,7 @@ def run(config, workdir: str, checkpoint: int | None = None) -> str:
     if jax.process_index() == 0:
         sampling.write_settings(out_dir, settings)
         images.save_png(os.path.join(out_dir, "composed.png"),
-                        images.upscale(picture(config, samples)))
+                        images.upscale(picture(config, samples), 480))
         files.save_npz(os.path.join(out_dir, "samples.npz"), images=images.to_uint8(samples),
                        labels=np.asarray([c1, c2], np.int32),
                        **{name: images.to_uint8(np.clip(view, -1, 1))
