@@ -549,9 +549,9 @@ class SamplerEntry(NamedTuple):
 
     @property
     def family(self) -> str:
-        """Plot line: ancestral, ddim, ddim η=1, dpm_solver (order 2), ..."""
+        """Plot line: ancestral, ddim, ddim eta=1, dpm_solver (order 2), ..."""
         if self.method == "ddim":
-            return "ddim" if not self.eta else f"ddim η={self.eta:g}"
+            return "ddim" if not self.eta else f"ddim eta={self.eta:g}"  # the plot font is ASCII
         return self.method if self.order is None else f"{self.method} (order {self.order})"
 
 
