@@ -101,6 +101,11 @@ def get_config() -> ml_collections.ConfigDict:
     sample.strength = 0.0  # alternative to t0: t0 = round(strength * T)
     sample.num_mix = 5  # interpolate: mixing weights linspace(0, 1, num_mix)
     sample.denoise_steps = "50,100,200,400,600,800,999"  # denoise: 0-indexed steps t of x_t
+    # anagram / hybrid (class-conditional models): the two classes c1,c2 of the composition
+    sample.compose_labels = ""  # e.g. "6,9": anagram reads 6 upright, 9 through the flip
+    sample.anagram_flip = "vertical"  # anagram: vertical (upside down) | horizontal | rotate180
+    sample.hybrid_kernel_size = 5  # hybrid: odd size of the Gaussian low-pass kernel
+    sample.hybrid_sigma = 1.0  # hybrid: its σ in pixels; low-pass from c1, high-pass from c2
 
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.num_samples = 50_000  # for IS / FID; 0 = skip them (e.g. bits/dim only)
@@ -119,4 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.bpd_batch_size = 256  # global; drop_remainder like the original
     evaluation.bpd_num_images = 0  # per split; 0 = all (rounded down to whole batches)
     evaluation.bpd_clip_denoised = True  # like the original's calc_bpd_loop
+    # Sampler sweep: "" = sample.* as set; or a comma list of method:steps[:order], e.g.
+    # "ancestral:1000,ddim:50,dpm_solver:20,dpm_solver:20:3,unipc:10" (steps = model calls)
+    evaluation.samplers = ""
     return config

@@ -275,8 +275,13 @@ def write_outputs(out_dir: str, config, inputs: TaskInputs, edited: dict[str, np
 
 def write_edits(config, workdir: str, checkpoint: int | None = None) -> str:
     """`--mode=sample` with `sample.task` = img2img | inpaint | interpolate | denoise. Every input
-    is checked before the checkpoint is read, so a bad input writes nothing."""
+    is checked before the checkpoint is read, so a bad input writes nothing. The composed
+    tasks (anagram, hybrid) take no input images: `composed.write_composed`."""
+    from ddpm_jax import composed
+
     sc = config.sample
+    if sc.task in composed.TASKS:
+        return composed.write_composed(config, workdir, checkpoint)
     inputs = prepare_inputs(config)
     # A task is a few images: one device, not a copy of the work on each device of the mesh.
     mesh = parallel.make_mesh(jax.local_devices()[:1])

@@ -25,6 +25,10 @@ Files under `workdir/eval/`:
   <step>.json                        all metrics
   <step>_bpd_<split>.npz             per-timestep mean terms and per-image totals
 
+With `eval.samplers` (a list of samplers, `parse_samplers`), each entry's parts and meta.json go
+to `<step>/<entry name>/` instead (e.g. `<step>/dpm_solver_o2_20_logsnr/`), and the metrics to
+  <step>_chains.json / .md / .png  one row per entry (IS, FID train/test, NFE); FID vs NFE
+
 Every file is written under a temporary name and renamed. A restarted eval reuses every finished
 part and bpd batch, and computes only the rest.
 """
@@ -36,10 +40,11 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -492,67 +497,293 @@ def _bpd_results(config, graphdef, ema_params: Params, mesh: Mesh, eval_dir: str
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# A list of samplers (`eval.samplers`).
+
+
+class SamplerEntry(NamedTuple):
+    """One entry of `eval.samplers`: `ancestral:T`, `ddim:steps[:eta]` or
+    `dpm_solver|unipc:steps[:order[:spacing]]`."""
+
+    method: str
+    num_steps: int  # model calls; the ancestral chain's is diffusion.num_timesteps
+    order: int | None = None  # solvers only
+    spacing: str | None = None  # solvers only
+    eta: float | None = None  # ddim only
+
+    @property
+    def name(self) -> str:
+        """Folder and table name, e.g. ancestral_1000, ddim_50, ddim_eta1_50,
+        dpm_solver_o2_20_logsnr."""
+        if self.method == "ancestral":
+            return f"ancestral_{self.num_steps}"
+        if self.method == "ddim":
+            eta = f"eta{self.eta:g}_" if self.eta else ""
+            return f"ddim_{eta}{self.num_steps}"
+        return f"{self.method}_o{self.order}_{self.num_steps}_{self.spacing}"
+
+    @property
+    def family(self) -> str:
+        """Plot line: ancestral, ddim, ddim eta=1, dpm_solver (order 2), ..."""
+        if self.method == "ddim":
+            return "ddim" if not self.eta else f"ddim eta={self.eta:g}"  # the plot font is ASCII
+        return self.method if self.order is None else f"{self.method} (order {self.order})"
+
+
+SAMPLERS_EXAMPLE = "--config.eval.samplers=ancestral:1000,ddim:50,dpm_solver:20,unipc:10:3"
+_ENTRY_SHAPES = {"ancestral": "ancestral:steps", "ddim": "ddim:steps[:eta]",
+                 "dpm_solver": "dpm_solver:steps[:order[:spacing]]",
+                 "unipc": "unipc:steps[:order[:spacing]]"}
+
+
+def parse_samplers(config) -> list[SamplerEntry]:
+    """`eval.samplers` as entries ([] when empty), with one-line ValueErrors for what cannot be
+    run: an unknown method or spacing, a step count the method cannot take on this schedule
+    (`generate.check_method`), more fields than the method takes, or a repeated entry. Order,
+    spacing and η default to `sample.solver_order`, `sample.timestep_spacing`, `sample.ddim_eta`."""
+    from ddpm_jax import chains, generate, solvers
+
+    text = str(config.eval.get("samplers", "")).strip()
+    if not text:
+        return []
+    num_timesteps = config.diffusion.num_timesteps
+    entries: list[SamplerEntry] = []
+    for item in (part.strip() for part in text.split(",")):
+        fields = item.split(":")
+        method = fields[0]
+        where = f"eval.samplers entry {item!r}"
+        if method not in chains.METHODS:
+            raise ValueError(f"{where}: method {method!r} is unknown; use one of "
+                             f"{', '.join(chains.METHODS)}, e.g. {SAMPLERS_EXAMPLE}.")
+        solver = method in ("dpm_solver", "unipc")
+        if not 2 <= len(fields) <= _ENTRY_SHAPES[method].count(":") + 1:
+            raise ValueError(f"{where} must read {_ENTRY_SHAPES[method]}, e.g. "
+                             f"{SAMPLERS_EXAMPLE}.")
+        try:
+            steps = int(fields[1])
+            order = int(fields[2] if solver and len(fields) > 2 else config.sample.solver_order)
+            eta = float(fields[2]) if method == "ddim" and len(fields) > 2 else float(
+                config.sample.ddim_eta)
+        except ValueError:
+            raise ValueError(f"{where}: steps and order must be integers and eta a number, e.g. "
+                             f"{SAMPLERS_EXAMPLE}.") from None
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"{where}: eta {eta:g} must be a number ≥ 0.")
+        spacing = fields[3] if len(fields) > 3 else str(config.sample.timestep_spacing)
+        if method == "ancestral" and steps != num_timesteps:
+            raise ValueError(f"{where}: the ancestral sampler takes all {num_timesteps} steps "
+                             f"(diffusion.num_timesteps); write ancestral:{num_timesteps}.")
+        if solver and not 1 <= order <= solvers.MAX_ORDER:
+            raise ValueError(f"{where}: order {order} must be in [1, {solvers.MAX_ORDER}].")
+        if solver and spacing not in solvers.SPACINGS:
+            raise ValueError(f"{where}: spacing {spacing!r} is unknown; use one of "
+                             f"{', '.join(solvers.SPACINGS)}.")
+        entry = SamplerEntry(method, steps, order if solver else None,
+                             spacing if solver else None, eta if method == "ddim" else None)
+        if entry in entries:
+            raise ValueError(f"{where} is listed twice in eval.samplers; drop one.")
+        if not 1 <= steps <= num_timesteps:
+            raise ValueError(f"{where}: steps must be in [1, diffusion.num_timesteps="
+                             f"{num_timesteps}].")
+        try:
+            generate.check_method(entry_config(config, entry))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        entries.append(entry)
+    return entries
+
+
+def entry_config(config, entry: SamplerEntry):
+    """`config` with `sample.*` set to the entry's method, steps, order and spacing."""
+    import ml_collections
+
+    changed = ml_collections.ConfigDict(config.to_dict())
+    changed.sample.method = entry.method
+    changed.sample.num_steps = 0 if entry.method == "ancestral" else entry.num_steps
+    if entry.order is not None:
+        changed.sample.solver_order, changed.sample.timestep_spacing = entry.order, entry.spacing
+    if entry.eta is not None:
+        changed.sample.ddim_eta = entry.eta
+    return changed
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of the sweep: sampler, model evaluations, IS, FID train/test."""
+    columns = [("sampler", "sampler"), ("NFE", "nfe"), ("IS", "inception_score"),
+               ("± ", "inception_score_std"), ("FID train", "fid_train"),
+               ("FID test", "fid_test")]
+    present = [(title, key) for title, key in columns if any(key in row for row in rows)]
+
+    def cell(row, key):
+        value = row.get(key, "")
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(title.strip() or "±" for title, _ in present) + " |",
+             "|" + "|".join("---" for _ in present) + "|"]
+    lines += ["| " + " | ".join(cell(row, key) for _, key in present) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
+    """FID (train, else test) against model evaluations, one line per method family."""
+    from ddpm_jax import plot
+
+    metric = "fid_train" if any("fid_train" in row for row in rows) else "fid_test"
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if metric in row:
+            series.setdefault(row["family"], []).append((row["nfe"], row[metric]))
+    plot.save_line_plot(path, series, x_label="model evaluations (NFE)",
+                        y_label=metric.replace("fid_", "FID ").replace("train", "(train)")
+                        .replace("test", "(test)"), title=title)
+
+
+# ---------------------------------------------------------------------------------------------
+# --mode=eval.
+
+
+class _Inception(NamedTuple):
+    params: Params  # replicated over the mesh
+    fingerprint: str
+    bias: np.ndarray
+
+
+def _load_inception(config, mesh: Mesh) -> _Inception:
+    from ddpm_jax.inception import load_inception_params
+
+    params = load_inception_params(config.eval.inception_weights or None)
+    fingerprint = inception_fingerprint(params)
+    bias = np.asarray(params["fc"]["bias"])
+    return _Inception(jax.device_put(params, parallel.replicated(mesh)), fingerprint, bias)
+
+
+def _reference(config, net: _Inception, mesh: Mesh
+               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    ec = config.eval
+    reference, reference_meta = {}, {}
+    for name, split, precomputed in (("train", config.data.split, ec.train_stats),
+                                     ("test", config.data.eval_split, ec.test_stats)):
+        if split or precomputed:
+            mu, sigma, meta = reference_stats(config, split, precomputed, net.params,
+                                              net.fingerprint, mesh)
+            reference[name], reference_meta[name] = (mu, sigma), meta
+    return reference, reference_meta
+
+
+def _sample_results(config, graphdef, ema_params: Params, mesh: Mesh, step: int, out_dir: str,
+                    net: _Inception, reference: Mapping[str, tuple[np.ndarray, np.ndarray]]
+                    ) -> dict[str, Any]:
+    """IS and FIDs of `config.sample`'s sampler, from the parts in `out_dir` (made if missing)."""
+    ec = config.eval
+    meta = sample_meta(config, step, mesh.devices.size, net.fingerprint)
+    check_meta(out_dir, meta)
+    sizes = make_sample_parts(config, graphdef, ema_params, mesh, out_dir, net.params)
+    results = sample_scores(load_part_outputs(out_dir, sizes), net.bias, reference, ec.is_splits)
+    results["protocol"] = {
+        **meta,
+        "is_splits": int(ec.is_splits),
+        "is_logits": "pool_3 @ W, no bias (OpenAI); monitor: logits:0, 1 split (TF-GAN)",
+        "inception_input": ("samples rounded to uint8" if ec.quantize
+                            else "unquantised (x+1)*127.5"),
+        "fid": "pool_3 features, unbiased covariance",
+    }
+    return results
+
+
+def _sweep_results(config, entries: Sequence[SamplerEntry], graphdef, ema_params: Params,
+                   mesh: Mesh, step: int, out_dir: str, net: _Inception,
+                   reference: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
+    """One row per entry, each from the parts in `out_dir/<entry.name>/` (made if missing)."""
+    from ddpm_jax import chains
+
+    rows = []
+    for entry in entries:
+        logging.info("eval: sampler %s", entry.name)
+        entry_conf = entry_config(config, entry)
+        scores = _sample_results(entry_conf, graphdef, ema_params, mesh, step,
+                                 os.path.join(out_dir, entry.name), net, reference)
+        chosen = chains.Method(entry.method, entry.num_steps)
+        rows.append({"sampler": entry.name, "family": entry.family, "method": entry.method,
+                     "num_steps": entry.num_steps, "order": entry.order,
+                     "spacing": entry.spacing, "eta": entry.eta,
+                     "nfe": chains.model_calls(chosen, config.diffusion.num_timesteps),
+                     **scores})
+    return rows
+
+
+def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
+    scalars = {f"eval/{key}": results[key] for key in (
+        "inception_score", "inception_score_std", "fid_train", "fid_test") if key in results}
+    for row in results.get("samplers", []):
+        scalars.update({f"eval/{row['sampler']}/{key}": row[key] for key in (
+            "inception_score", "fid_train", "fid_test") if key in row})
+    for name, values in results.get("bpd", {}).items():
+        scalars.update({f"eval/bpd_{name}": values["total"],
+                        f"eval/bpd_{name}_prior": values["prior"],
+                        f"eval/bpd_{name}_decoder": values["decoder"]})
+    return scalars
+
+
+def _write_results(config, workdir: str, eval_dir: str, step: int,
+                   results: dict[str, Any]) -> None:
+    """TensorBoard scalars, `eval/<step>.json` (a sweep: `<step>_chains.{json,md,png}`), and
+    the console line (a sweep: its table)."""
+    from ddpm_jax import summaries
+
+    scalars = _scalars(results)
+    writer = summaries.SummaryWriter(workdir, enabled=jax.process_index() == 0)
+    writer.write_scalars(step, scalars)
+    writer.close()
+    if jax.process_index() != 0:
+        return
+    if "samplers" not in results:
+        path = os.path.join(eval_dir, f"{step}.json")
+        files.save_json(path, results)
+        summary = ", ".join(f"{key.removeprefix('eval/')} {value:.4g}"
+                            for key, value in scalars.items())
+        print(f"eval of step {step}: {summary} → {path}")
+        return
+    base = os.path.join(eval_dir, f"{step}_samplers")
+    table = format_table(results["samplers"])
+    files.save_json(base + ".json", results)
+    files.atomic_write(base + ".md", lambda tmp: pathlib.Path(tmp).write_text(table + "\n"))
+    plot_sweep(results["samplers"], base + ".png",
+               f"{config.data.name}, step {step}, {config.eval.num_samples} samples")
+    bpd = ", ".join(f"bpd {name} {values['total']:.4g}"
+                    for name, values in results.get("bpd", {}).items())
+    print(f"eval of step {step}, {len(results['samplers'])} samplers"
+          f"{' (' + bpd + ')' if bpd else ''} → {base}.json, .md, .png\n{table}")
+
+
 def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
-    """`--mode=eval`: metrics of the latest (or `checkpoint`) EMA weights → `eval/<step>.json`."""
-    from ddpm_jax import checkpointing, summaries
+    """`--mode=eval`: metrics of the latest (or `checkpoint`) EMA weights → `eval/<step>.json`;
+    with `eval.samplers`, one row per sampler → `eval/<step>_chains.{json,md,png}`."""
+    from ddpm_jax import checkpointing
 
     ec = config.eval
     mesh = parallel.make_mesh()
     validate.check_batches(config, "eval", mesh)
     validate.check_eval_counts(config.eval)
+    entries = parse_samplers(config)
     graphdef, ema_params, step = checkpointing.load_ema_params(config, workdir, mesh, checkpoint)
     eval_dir = os.path.join(workdir, "eval")
     out_dir = os.path.join(eval_dir, str(step))
     started = time.time()
     results: dict[str, Any] = {"step": int(step), "checkpoint_dir": os.path.join(workdir,
                                                                                   "checkpoints")}
-
     if ec.num_samples:
-        from ddpm_jax.inception import load_inception_params
-
-        inception_params = load_inception_params(ec.inception_weights or None)
-        fingerprint = inception_fingerprint(inception_params)
-        bias = np.asarray(inception_params["fc"]["bias"])
-        inception_params = jax.device_put(inception_params, parallel.replicated(mesh))
-        check_meta(out_dir, sample_meta(config, step, mesh.devices.size, fingerprint))
-        sizes = make_sample_parts(config, graphdef, ema_params, mesh, out_dir, inception_params)
-        reference, reference_meta = {}, {}
-        for name, split, precomputed in (("train", config.data.split, ec.train_stats),
-                                         ("test", config.data.eval_split, ec.test_stats)):
-            if split or precomputed:
-                mu, sigma, meta = reference_stats(config, split, precomputed, inception_params,
-                                                  fingerprint, mesh)
-                reference[name], reference_meta[name] = (mu, sigma), meta
-        results.update(sample_scores(load_part_outputs(out_dir, sizes), bias, reference,
-                                     ec.is_splits))
-        results["reference"] = reference_meta
-        results["protocol"] = {
-            **sample_meta(config, step, mesh.devices.size, fingerprint),
-            "is_splits": int(ec.is_splits),
-            "is_logits": "pool_3 @ W, no bias (OpenAI); monitor: logits:0, 1 split (TF-GAN)",
-            "inception_input": ("samples rounded to uint8" if ec.quantize
-                                else "unquantised (x+1)*127.5"),
-            "fid": "pool_3 features, unbiased covariance",
-        }
-
+        net = _load_inception(config, mesh)
+        reference, results["reference"] = _reference(config, net, mesh)
+        if entries:
+            results["samplers"] = _sweep_results(config, entries, graphdef, ema_params, mesh,
+                                                 step, out_dir, net, reference)
+        else:
+            scores = _sample_results(config, graphdef, ema_params, mesh, step, out_dir, net,
+                                     reference)
+            results = {**results, **scores, "reference": results["reference"]}
     if ec.bpd:
         results["bpd"] = _bpd_results(config, graphdef, ema_params, mesh, eval_dir, step,
                                       out_dir)
     results["seconds"] = time.time() - started
-
-    scalars = {f"eval/{key}": results[key] for key in (
-        "inception_score", "inception_score_std", "fid_train", "fid_test") if key in results}
-    for name, values in results.get("bpd", {}).items():
-        scalars.update({f"eval/bpd_{name}": values["total"],
-                        f"eval/bpd_{name}_prior": values["prior"],
-                        f"eval/bpd_{name}_decoder": values["decoder"]})
-    writer = summaries.SummaryWriter(workdir, enabled=jax.process_index() == 0)
-    writer.write_scalars(step, scalars)
-    writer.close()
-    if jax.process_index() == 0:
-        path = os.path.join(eval_dir, f"{step}.json")
-        files.save_json(path, results)
-        summary = ", ".join(f"{key.removeprefix('eval/')} {value:.4g}"
-                            for key, value in scalars.items())
-        print(f"eval of step {step}: {summary} → {path}")
+    _write_results(config, workdir, eval_dir, step, results)
     return results

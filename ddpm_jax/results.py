@@ -17,7 +17,8 @@ from ddpm_jax import generate
 
 # Fields of `config.sample` that only editing tasks read; `--mode=sample` generation ignores them.
 EDIT_ONLY_FIELDS = ("task", "input", "input2", "mask", "t0", "strength", "num_mix",
-                    "denoise_steps")
+                    "denoise_steps", "compose_labels", "anagram_flip", "hybrid_kernel_size",
+                    "hybrid_sigma")
 DDIM_FIELDS = ("ddim_steps", "ddim_eta", "ddim_skip")
 SOLVER_FIELDS = ("solver_order", "timestep_spacing")
 # What each method reads of `config.sample` beyond the common fields (num_steps as resolved).

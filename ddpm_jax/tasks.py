@@ -21,7 +21,7 @@ import numpy as np
 from ddpm_jax import chains, diffusion
 from ddpm_jax.diffusion import ModelFn, Schedule
 
-TASKS = ("generate", "img2img", "inpaint", "interpolate", "denoise")
+TASKS = ("generate", "img2img", "inpaint", "interpolate", "denoise", "anagram", "hybrid")
 
 
 class EditResult(NamedTuple):

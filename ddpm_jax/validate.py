@@ -168,6 +168,10 @@ RULES: dict[str, Rule] = {
     "sample.num_mix": Rule(int, 2, note="the mixing weights linspace(0, 1, num_mix) run from "
                                         "the first image to the second"),
     "sample.denoise_steps": STR,
+    "sample.compose_labels": STR,
+    "sample.anagram_flip": STR,
+    "sample.hybrid_kernel_size": Rule(int, 1, note="odd"),
+    "sample.hybrid_sigma": Rule(float, 0, low_open=True),
     "eval.num_samples": Rule(int, 0, note="0 = no IS/FID"),
     "eval.batch_size": COUNT,
     "eval.seed": ANY_INT,
@@ -180,6 +184,7 @@ RULES: dict[str, Rule] = {
     "eval.bpd_batch_size": COUNT,
     "eval.bpd_num_images": Rule(int, 0, note="0 = all"),
     "eval.bpd_clip_denoised": BOOL,
+    "eval.samplers": STR,
 }
 
 
@@ -246,7 +251,7 @@ def check_label_dropout(model_config) -> None:
 
 def check_sample_settings(config) -> None:
     """Labels, guidance and the editing task's settings parse and fit the model."""
-    from ddpm_jax import edit_mode, generate
+    from ddpm_jax import composed, edit_mode, generate
 
     generate.requested_labels(config)
     task = config.sample.task  # an unknown one is reported by edit_mode.prepare_inputs
@@ -254,6 +259,8 @@ def check_sample_settings(config) -> None:
         edit_mode.resolve_t0(config, task)
     elif task == "denoise":
         edit_mode.parse_steps(config.sample.denoise_steps, config.diffusion.num_timesteps)
+    elif task in composed.TASKS:
+        composed.check_settings(config)
 
 
 def check_data_source(data_config) -> None:
@@ -357,3 +364,6 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
     if mode == "eval":
         check_eval_inputs(config.eval)
         check_eval_counts(config.eval)
+        from ddpm_jax import evaluate
+
+        evaluate.parse_samplers(config)

@@ -181,6 +181,27 @@ IN_PROCESS_ROWS = [
     ("guidance_when_training_an_unconditional_model", "train",
      _set(sample__guidance_scale=3.0), "fresh", {},
      "sample.guidance_scale=3.0 needs a class-conditional model, but model.num_classes=0"),
+    ("composed_task_on_an_unconditional_model", "sample",
+     _set(sample__task="anagram", sample__compose_labels="6,9"), "trained", {},
+     "sample.task=anagram needs a class-conditional model, but model.num_classes=0; use a model "
+     "trained with --config.model.num_classes=C (e.g. configs/digits_cond.py)."),
+    ("composed_task_without_two_classes", "sample",
+     _set(model__num_classes=10, sample__guidance_scale=3.0, sample__task="hybrid",
+          sample__compose_labels="6"), "trained", {},
+     "sample.compose_labels='6' must be two classes 'c1,c2' for sample.task=hybrid, e.g. "
+     "--config.sample.compose_labels=6,9."),
+    ("hybrid_kernel_of_even_size", "sample",
+     _set(model__num_classes=10, sample__guidance_scale=3.0, sample__task="hybrid",
+          sample__compose_labels="6,9", sample__hybrid_kernel_size=4), "trained", {},
+     "sample.hybrid_kernel_size=4 must be odd and below 16 (twice data.image_size); set "
+     "--config.sample.hybrid_kernel_size."),
+    ("unknown_sampler_in_the_eval_list", "eval", _set(eval__samplers="ddim:5,plms:20"),
+     "trained", {}, "eval.samplers entry 'plms:20': method 'plms' is unknown; use one of "
+     "ancestral, ddim, dpm_solver, unipc, e.g. "
+     "--config.eval.samplers=ancestral:1000,ddim:50,dpm_solver:20,unipc:10:3."),
+    ("ancestral_step_count_in_the_eval_list", "eval", _set(eval__samplers="ancestral:50"),
+     "trained", {}, "eval.samplers entry 'ancestral:50': the ancestral sampler takes all 20 "
+     "steps (diffusion.num_timesteps); write ancestral:20."),
     ("workdir_is_a_file", "train", None, "file", {},
      "is a file, not a directory; point --workdir at a directory (it is created if missing)."),
     ("sampling_into_a_workdir_that_is_a_file", "sample", None, "file", {},
