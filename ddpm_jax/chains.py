@@ -134,6 +134,9 @@ def ancestral_sample(
 # --------------------------------------------------------------------------------------
 
 
+DDIM_SKIPS = ("uniform", "quad")  # `sample.ddim_skip`: the DDIM code's two timestep rules
+
+
 def ddim_timesteps(num_timesteps: int, num_steps: int, kind: str = "uniform") -> np.ndarray:
     """Increasing sub-sequence τ of {0..T-1} with exactly S distinct entries, used by DDIM
     (Song et al. 2021, App. D.2 / their code); the chain starts from x_T at τ_{S-1}.

@@ -104,8 +104,8 @@ def _image_source(images: Path, batch_size: int) -> tuple[Iterable[np.ndarray], 
             raise FidStatsError(f"{images} holds no images")
         batches = (array[i : i + batch_size] for i in range(0, array.shape[0], batch_size))
         return batches, array.shape[0]
-    raise FidStatsError(f"--images={images} does not exist; pass a folder of .png/.jpg/.jpeg "
-                        "images or an npz of uint8 NHWC images")
+    raise FidStatsError(f"--images={images} does not exist; pass a folder of images "
+                        "or an npz of uint8 NHWC images")
 
 
 def _flag_values() -> flags.FlagValues:

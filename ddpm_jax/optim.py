@@ -50,6 +50,10 @@ def scale_by_tf_adam(b1: float, b2: float, eps: float) -> optax.GradientTransfor
     return optax.GradientTransformation(init, update)
 
 
+# `training.adam_eps_style`: TF1's ε̂ form (the original) or optax's ε.
+ADAM_EPS_STYLES = ("tf", "optax")
+
+
 def make_optimizer(training_config) -> optax.GradientTransformation:
     """Adam with the warmup schedule; clipping happens before, in the train step."""
     tc = training_config
@@ -59,7 +63,7 @@ def make_optimizer(training_config) -> optax.GradientTransformation:
         direction = optax.scale_by_adam(tc.adam_b1, tc.adam_b2, tc.adam_eps)
     else:
         raise ValueError(f"training.adam_eps_style={tc.adam_eps_style!r} is unknown; "
-                         "use 'tf' or 'optax'.")
+                         f"use one of {', '.join(ADAM_EPS_STYLES)}.")
     return optax.chain(direction,
                        optax.scale_by_learning_rate(warmup_learning_rate(tc.lr, tc.warmup_steps)))
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import chains, diffusion, gradients, model_fns, profiling, solvers, unet
+from ddpm_jax import chains, diffusion, gradients, model_fns, optim, profiling, solvers, unet
 from ddpm_jax.parallel import check_batch_divisible
 
 # Every value the code accepts for each enumerated config entry, from the modules that
@@ -30,11 +30,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.loss_type": diffusion.LOSS_TYPES,
     "diffusion.t0_log_variance": diffusion.T0_LOG_VARIANCES,
     "training.clip_mode": gradients.CLIP_MODES,
-    "training.adam_eps_style": ("tf", "optax"),
+    "training.adam_eps_style": optim.ADAM_EPS_STYLES,
     "sample.method": chains.METHODS,
     "sample.timestep_spacing": solvers.SPACINGS,
     "training.grid_method": ("sample",) + chains.METHODS,
-    "sample.ddim_skip": ("uniform", "quad"),
+    "sample.ddim_skip": chains.DDIM_SKIPS,
     "model.dtype": unet.COMPUTE_DTYPES,
 }
 

@@ -78,7 +78,7 @@ FID_STATS_ROWS = [
     ("missing_required_flag", ["--images", "{inputs}/images.npz"], None,
      "--out is required, e.g. python -m ddpm_jax.fid_stats --images DIR_OR_NPZ --out stats.npz"),
     ("nonexistent_images", ["--images", "{tmp}/typo", "--out", "{tmp}/out.npz"],
-     "{tmp}/out.npz", "typo does not exist; pass a folder of .png/.jpg/.jpeg images or an npz"),
+     "{tmp}/out.npz", "typo does not exist; pass a folder of images or an npz"),
     ("npz_without_images", ["--images", "{inputs}/stats.npz", "--out", "{tmp}/out.npz"],
      "{tmp}/out.npz", "stats.npz['mu'] has dtype float64, expected uint8 images"),
     ("npz_without_arrays", ["--images", "{inputs}/no_arrays.npz", "--out", "{tmp}/out.npz"],
