@@ -59,6 +59,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch/diffusers reference, interleaved, and print the ratio")
     parser.add_argument("--torch_threads", type=int, default=2)
+    parser.add_argument("--platform", default="cpu", choices=("cpu", "cuda"),
+                        help="JAX backend (and, with --torch, the torch device): cpu or cuda "
+                             "(one GPU; benchmarks/gpu.sh)")
     parser.add_argument("--profile", default="",
                         help="directory: profile one more call and print time per XLA op category")
 

@@ -62,7 +62,7 @@ def build(config, mesh, batch: int, method: str, chain_steps: int):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    common.setup_environment(args.devices, args.xla_flags)
+    common.setup_environment(args.devices, args.xla_flags, args.platform)
     import jax
     import numpy as np
 
@@ -76,6 +76,7 @@ def main(argv=None) -> None:
         import torch_reference
 
         torch_reference.set_threads(args.torch_threads)
+        torch_reference.set_device(args.platform)
 
     for method in args.methods.split(","):
         full = chain_length(config, method)

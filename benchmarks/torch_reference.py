@@ -38,6 +38,33 @@ def diffusers_unet_config(config) -> dict[str, Any]:
     return convert.diffusers_unet_config(nnx.eval_shape(lambda: model_fns.create_model(config)))
 
 
+_DEVICE = "cpu"  # or "cuda": `set_device`
+
+
+def set_device(name: str) -> None:
+    """Where the reference runs: "cpu" or "cuda" (the same GPU as ours, benchmarks/gpu.sh)."""
+    global _DEVICE
+    _DEVICE = name
+
+
+def _autocast(config):
+    """bfloat16 compute with float32 parameters when `model.dtype=bfloat16`, as ours does."""
+    import contextlib
+
+    import torch
+
+    if config.model.dtype == "bfloat16":
+        return torch.autocast(_DEVICE, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _synchronize() -> None:
+    import torch
+
+    if _DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def _alphas_cumprod(config):
     import torch
 
@@ -59,17 +86,17 @@ class TorchTrainer:
         tc = config.training
         self.config = config
         self.batch = batch
-        self.model = UNet2DModel(**diffusers_unet_config(config)).train()
+        self.model = UNet2DModel(**diffusers_unet_config(config)).train().to(_DEVICE)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = [p.detach().clone() for p in self.params]
         self.optimizer = _adam(self.params, tc)
         alphas_cumprod = _alphas_cumprod(config)
-        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt().float()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt().float()
+        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt().float().to(_DEVICE)
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt().float().to(_DEVICE)
         size, channels = config.data.image_size, config.data.channels
         generator = torch.Generator().manual_seed(seed)
         self.images_uint8 = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8,
-                                          generator=generator)
+                                          generator=generator).to(_DEVICE)
 
     def step(self) -> float:
         import torch
@@ -77,27 +104,29 @@ class TorchTrainer:
         config = self.config
         x_start = self.images_uint8.float() / 127.5 - 1.0
         if config.data.random_flip:
-            flip = torch.rand(self.batch) < 0.5
+            flip = torch.rand(self.batch, device=_DEVICE) < 0.5
             x_start = torch.where(flip[:, None, None, None], x_start.flip(3), x_start)
-        t = torch.randint(0, config.diffusion.num_timesteps, (self.batch,))
+        t = torch.randint(0, config.diffusion.num_timesteps, (self.batch,), device=_DEVICE)
         noise = torch.randn_like(x_start)
         x_t = (self.sqrt_alphas_cumprod[t][:, None, None, None] * x_start
                + self.sqrt_one_minus_alphas_cumprod[t][:, None, None, None] * noise)
-        output = self.model(x_t, t).sample
-        loss = ((output - noise) ** 2).mean()
+        with _autocast(config):
+            output = self.model(x_t, t).sample
+        loss = ((output.float() - noise) ** 2).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, config.training.grad_clip)
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, self.params, 1.0 - config.training.ema_decay)
-        return float(loss.detach())
+        return loss.detach()
 
     def run(self, steps: int) -> float:
         loss = math.nan
         for _ in range(steps):
             loss = self.step()
-        return loss
+        _synchronize()
+        return float(loss)
 
 
 def _adam(params, training_config):
@@ -120,7 +149,8 @@ class TorchSampler:
 
         torch.manual_seed(seed)
         dc, sc = config.diffusion, config.sample
-        self.model = UNet2DModel(**diffusers_unet_config(config)).eval()
+        self.model = UNet2DModel(**diffusers_unet_config(config)).eval().to(_DEVICE)
+        self.config = config
         common_kwargs = dict(num_train_timesteps=dc.num_timesteps, beta_start=dc.beta_start,
                              beta_end=dc.beta_end, beta_schedule=dc.beta_schedule,
                              clip_sample=sc.clip_denoised)
@@ -139,20 +169,21 @@ class TorchSampler:
         self.timesteps = self.scheduler.timesteps[:num_steps]
         size, channels = config.data.image_size, config.data.channels
         self.shape = (batch, channels, size, size)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(_DEVICE).manual_seed(seed)
 
     def run(self):
         import torch
 
-        with torch.inference_mode():
-            x = torch.randn(self.shape, generator=self.generator)
+        with torch.inference_mode(), _autocast(self.config):
+            x = torch.randn(self.shape, generator=self.generator, device=_DEVICE)
             for t in self.timesteps:
-                output = self.model(x, t).sample
+                output = self.model(x, t).sample.float()
                 if self.eta is None:
                     x = self.scheduler.step(output, t, x, generator=self.generator).prev_sample
                 else:
                     x = self.scheduler.step(output, t, x, eta=self.eta,
                                             generator=self.generator).prev_sample
+        _synchronize()
         return x
 
 

@@ -105,7 +105,7 @@ def build(config, devices: int, per_device_batch: int, steps_per_call: int):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    common.setup_environment(args.devices, args.xla_flags)
+    common.setup_environment(args.devices, args.xla_flags, args.platform)
     import jax
     import numpy as np
 
@@ -147,6 +147,7 @@ def main(argv=None) -> None:
         import torch_reference
 
         torch_reference.set_threads(args.torch_threads)
+        torch_reference.set_device(args.platform)
         trainer = torch_reference.TorchTrainer(config, global_batch)
         trainer.run(1)
         runners["torch"] = lambda: trainer.run(k)
