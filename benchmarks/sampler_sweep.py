@@ -158,7 +158,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", "configs/digits.py", "The run's config.")
     flags.DEFINE_string("workdir", None, "The trained digits run.", required=True)
     flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_string("samplers", DEFAULT_SAMPLERS, "Comma list as eval.chains.")
+    flags.DEFINE_string("samplers", DEFAULT_SAMPLERS, "Comma list as eval.samplers.")
     flags.DEFINE_integer("num_samples", 1000, "Digits per sampler and seed.")
     flags.DEFINE_integer("batch_size", 1000, "Digits per sampling call.")
     flags.DEFINE_string("seeds", "1,2", "Comma list of sampling seeds.")

@@ -27,7 +27,7 @@ Files under `workdir/eval/`:
 
 With `eval.samplers` (a list of samplers, `parse_samplers`), each entry's parts and meta.json go
 to `<step>/<entry name>/` instead (e.g. `<step>/dpm_solver_o2_20_logsnr/`), and the metrics to
-  <step>_chains.json / .md / .png  one row per entry (IS, FID train/test, NFE); FID vs NFE
+  <step>_samplers.json / .md / .png  one row per entry (IS, FID train/test, NFE); FID vs NFE
 
 Every file is written under a temporary name and renamed. A restarted eval reuses every finished
 part and bpd batch, and computes only the rest.
@@ -726,7 +726,7 @@ def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
 
 def _write_results(config, workdir: str, eval_dir: str, step: int,
                    results: dict[str, Any]) -> None:
-    """TensorBoard scalars, `eval/<step>.json` (a sweep: `<step>_chains.{json,md,png}`), and
+    """TensorBoard scalars, `eval/<step>.json` (a sweep: `<step>_samplers.{json,md,png}`), and
     the console line (a sweep: its table)."""
     from ddpm_jax import summaries
 
@@ -757,7 +757,7 @@ def _write_results(config, workdir: str, eval_dir: str, step: int,
 
 def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
     """`--mode=eval`: metrics of the latest (or `checkpoint`) EMA weights → `eval/<step>.json`;
-    with `eval.samplers`, one row per sampler → `eval/<step>_chains.{json,md,png}`."""
+    with `eval.samplers`, one row per sampler → `eval/<step>_samplers.{json,md,png}`."""
     from ddpm_jax import checkpointing
 
     ec = config.eval

@@ -1,6 +1,6 @@
 """`--mode=eval` over a list of samplers (`eval.samplers`) and the Pillow plot (ddpm_jax.plot).
 
-References: `generate.generate` with each entry's method and the eval key, for the stored parts;
+References: `generate.batches` with each entry's method and the eval key, for the stored parts;
 FID recomputed in NumPy from the stored Inception features and the reference images' features;
 the log-axis arithmetic written out in the test, for the plot.
 """
@@ -107,7 +107,7 @@ def test_sweep_writes_one_row_per_sampler_and_resumes_per_entry(mesh, inception_
         assert os.stat(evaluate.part_path(path, part)).st_mtime_ns == mtime
     assert os.stat(evaluate.part_path(folders[2], 0)).st_mtime_ns == third
 
-    with open(os.path.join(workdir, "eval", "5_chains.json")) as f:
+    with open(os.path.join(workdir, "eval", "5_samplers.json")) as f:
         results = json.load(f)
     rows = results["samplers"]
     assert [row["sampler"] for row in rows] == [e.name for e in entries]
@@ -139,7 +139,7 @@ def test_sweep_writes_one_row_per_sampler_and_resumes_per_entry(mesh, inception_
     assert len({s.tobytes() for s in stored}) == 4
 
     # The markdown table and the console show the same rows; the plot is a PNG.
-    with open(os.path.join(workdir, "eval", "5_chains.md")) as f:
+    with open(os.path.join(workdir, "eval", "5_samplers.md")) as f:
         table = f.read()
     lines = table.strip().splitlines()
     assert lines[0] == "| sampler | NFE | IS | ± | FID train | FID test |"
@@ -149,7 +149,7 @@ def test_sweep_writes_one_row_per_sampler_and_resumes_per_entry(mesh, inception_
         assert cells[0] == row["sampler"] and int(cells[1]) == row["nfe"]
         assert float(cells[4]) == pytest.approx(row["fid_train"], rel=1e-3)
     assert table.strip() in printed
-    with Image.open(os.path.join(workdir, "eval", "5_chains.png")) as picture:
+    with Image.open(os.path.join(workdir, "eval", "5_samplers.png")) as picture:
         assert picture.format == "PNG" and picture.size == (720, 480)
 
 
