@@ -4,7 +4,7 @@
         --seeds 1,2 --out benchmarks/sampler_sweep_digits
 
 For each entry of `--samplers` (the syntax of `--config.eval.samplers`, parsed by
-`evaluate.parse_samplers`: `ancestral:T`, `ddim:steps[:eta]`, `dpm_solver|unipc:steps[:order
+`sampler_list.parse_samplers`: `ancestral:T`, `ddim:steps[:eta]`, `dpm_solver|unipc:steps[:order
 [:spacing]]`) and each seed, draws `--num_samples` digits with the run's EMA weights from the
 same x_T (the seed's key), and scores them with the Fréchet distance of
 `benchmarks/quality_digits.py` (64-unit MLP features; held-out real digits as the reference).
@@ -31,7 +31,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import quality_digits  # noqa: E402
-from ddpm_jax import chains, checkpointing, evaluate, generate, images, parallel, plot  # noqa: E402
+from ddpm_jax import chains, checkpointing, evaluate, generate, images, parallel, plot, sampler_list  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -52,7 +52,7 @@ def sweep_rows(config, graphdef, params, mesh, entries, seeds, num_samples: int,
     row is also appended to `lines_path` (JSON lines) as soon as it is measured."""
     rows = []
     for entry in entries:
-        entry_config = evaluate.entry_config(config, entry)
+        entry_config = sampler_list.entry_config(config, entry)
         distances, real, seconds = [], None, 0.0
         for seed in seeds:
             start = time.time()
@@ -117,7 +117,7 @@ def main(argv):
     del argv
     config = FLAGS.config
     config.eval.samplers = FLAGS.samplers
-    entries = evaluate.parse_samplers(config)
+    entries = sampler_list.parse_samplers(config)
     seeds = [int(s) for s in FLAGS.seeds.split(",")]
     lines_path = FLAGS.out + ".json" if FLAGS.out else ""
     if FLAGS.render_only:  # the table and plot of rows measured before, by other runs too

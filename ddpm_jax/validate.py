@@ -364,6 +364,6 @@ def validate(config, mode: str, mesh: Mesh | None = None) -> None:
     if mode == "eval":
         check_eval_inputs(config.eval)
         check_eval_counts(config.eval)
-        from ddpm_jax import evaluate
+        from ddpm_jax import sampler_list
 
-        evaluate.parse_samplers(config)
+        sampler_list.parse_samplers(config)

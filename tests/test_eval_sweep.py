@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm_jax import evaluate, generate, images, inception, metrics, modes, plot
+from ddpm_jax import evaluate, generate, images, inception, metrics, modes, plot, sampler_list
 from test_evaluate import _fid_numpy, _mock_split_images, _tiny_cifar10_config, _write_checkpoint
 from test_evaluate import inception_npz, mesh  # noqa: F401  (fixtures)
 
@@ -33,7 +33,7 @@ def _config(inception_npz_path: str, stats_dir: str, samplers: str = SWEEP):
 
 def test_parse_samplers_reads_entries_and_names_their_folders(inception_npz):
     config = _config(inception_npz, "")
-    entries = evaluate.parse_samplers(config)
+    entries = sampler_list.parse_samplers(config)
     assert [e.name for e in entries] == ["ancestral_10", "ddim_eta1_4",
                                          "dpm_solver_o2_4_linspace", "unipc_o3_3_linspace"]
     assert [(e.method, e.num_steps, e.order, e.spacing, e.eta) for e in entries] == [
@@ -42,12 +42,12 @@ def test_parse_samplers_reads_entries_and_names_their_folders(inception_npz):
     # Order and spacing default to sample.solver_order / sample.timestep_spacing.
     config.eval.samplers = "dpm_solver:5"
     config.sample.timestep_spacing = "trailing"
-    assert evaluate.parse_samplers(config) == [evaluate.SamplerEntry("dpm_solver", 5, 2,
+    assert sampler_list.parse_samplers(config) == [sampler_list.SamplerEntry("dpm_solver", 5, 2,
                                                                      "trailing")]
     config.eval.samplers = "ddim:5"
-    assert evaluate.parse_samplers(config)[0].name == "ddim_5"  # η = sample.ddim_eta = 0
+    assert sampler_list.parse_samplers(config)[0].name == "ddim_5"  # η = sample.ddim_eta = 0
     config.eval.samplers = ""
-    assert evaluate.parse_samplers(config) == []
+    assert sampler_list.parse_samplers(config) == []
 
 
 @pytest.mark.parametrize("text, message", [
@@ -70,7 +70,7 @@ def test_parse_samplers_reads_entries_and_names_their_folders(inception_npz):
 def test_parse_samplers_refuses_what_cannot_run_in_one_line(inception_npz, text, message):
     config = _config(inception_npz, "", text)
     with pytest.raises(ValueError) as error:
-        evaluate.parse_samplers(config)
+        sampler_list.parse_samplers(config)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -79,7 +79,7 @@ def test_sweep_writes_one_row_per_sampler_and_resumes_per_entry(mesh, inception_
     config = _config(inception_npz, str(tmp_path / "fid_stats"))
     workdir = str(tmp_path / "workdir")
     graphdef, ema_params = _write_checkpoint(config, workdir, mesh)
-    entries = evaluate.parse_samplers(config)
+    entries = sampler_list.parse_samplers(config)
     folders = [os.path.join(workdir, "eval", "5", e.name) for e in entries]
     save_part = evaluate.save_part
 
@@ -124,7 +124,7 @@ def test_sweep_writes_one_row_per_sampler_and_resumes_per_entry(mesh, inception_
         samples = np.concatenate([p["images"] for p in parts])
         # Each entry's parts are what its sampler makes from the eval key, uninterrupted.
         made = np.concatenate([s for s, _ in generate.batches(
-            graphdef, ema_params, evaluate.entry_config(config, entry), mesh, 12, key,
+            graphdef, ema_params, sampler_list.entry_config(config, entry), mesh, 12, key,
             batch_size=8)])
         np.testing.assert_array_equal(samples, images.to_uint8(made))
         pool = np.concatenate([p["pool"] for p in parts]).astype(np.float64)

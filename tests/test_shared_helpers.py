@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing, fid_stats, input_pipeline, parallel, tasks, utilisation
+from ddpm_jax import checkpointing, edit_mode, fid_stats, input_pipeline, parallel, utilisation
 
 
 @pytest.mark.parametrize("seconds, text", [
@@ -93,7 +93,7 @@ def test_one_npz_loader_for_the_tasks_and_fid_stats(tmp_path):
     for name, expected in (("unkeyed", stack), ("keyed", stack), ("grey", stack),
                            ("one", stack[:1])):
         path = str(tmp_path / f"{name}.npz")
-        np.testing.assert_array_equal(tasks.load_images(path, 8, 1), expected)
+        np.testing.assert_array_equal(edit_mode.load_images(path, 8, 1), expected)
         np.testing.assert_array_equal(input_pipeline.load_npz_images(path, path), expected)
         batches, total = fid_stats._image_source(tmp_path / f"{name}.npz", 10)
         assert total == len(expected)
@@ -114,7 +114,7 @@ def test_one_npz_loader_for_the_tasks_and_fid_stats(tmp_path):
     for name, tail in cases:
         path = str(tmp_path / name)
         with pytest.raises(ValueError) as raised:
-            tasks.load_images(path, 8, 1)
+            edit_mode.load_images(path, 8, 1)
         prefix = "cannot read " if "EOFError" in tail else ""
         assert str(raised.value) == f"{prefix}sample.input={path!r}{tail}"
         if name != "empty.npz":  # fid_stats names a file that is no zip at all itself
