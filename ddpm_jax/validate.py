@@ -335,7 +335,7 @@ def check_eval_inputs(eval_config) -> None:
 
 def check_training_run(config, mesh: Mesh) -> None:
     """The rules the training loop itself relies on, for callers of `train.train_and_evaluate`
-    that did not run `validate` first (main.run does)."""
+    that did not run `validate` first (modes.run_mode does)."""
     check_types_and_ranges(config)
     check_batches(config, "train", mesh)
     check_label_dropout(config.model)

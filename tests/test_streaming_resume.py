@@ -149,12 +149,12 @@ def test_streamed_pixels_equal_the_tf_data_preprocessing(tmp_path, channels):
 
 
 def _fails_with_one_line(config, workdir, capsys) -> str:
-    """`main.run_or_exit` exits 2 with one `error:` line and leaves no workdir behind."""
-    from ddpm_jax import main
+    """`modes.run_or_exit` exits 2 with one `error:` line and leaves no workdir behind."""
+    from ddpm_jax import modes
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main.run_or_exit("train", config, workdir)
+        modes.run_or_exit("train", config, workdir)
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: "), errors
