@@ -21,11 +21,13 @@ original, parameter for parameter.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from flax import nnx
 
 from ddpm_jax import conv
@@ -126,37 +128,73 @@ def _dense(
     )
 
 
-# "auto": statistics as matmuls on the CPU backend (GroupNorm.__call__); "native": nnx's.
+# "auto": the hand-written GroupNorm below on the CPU backend (GroupNorm.__call__); "native":
+# nnx's (TPU/GPU always take nnx's).
 GROUP_NORM_STATS = "auto"
 
 
-def group_norm_matmul_stats(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
-                            epsilon: float) -> jax.Array:
-    """GroupNorm of NHWC `x` (float32) with two-pass statistics summed by matmuls.
+def _group_mean(channels: int, num_groups: int, count: int) -> Callable:
+    """[b, c] per-channel sums -> [b, 1, c]: each channel's group sum / `count`, broadcast back
+    to the group's channels (two [c, g] membership matmuls; the groups are contiguous)."""
+    member = (jnp.arange(channels)[:, None] // (channels // num_groups)
+              == jnp.arange(num_groups)[None, :]).astype(jnp.float32)
 
-    Same math as nnx.GroupNorm(use_fast_variance=False): per-channel sums over the pixels are
-    a [B, HW, C]·1 product and the channel → group averages a [C, G] membership matmul, because
-    XLA:CPU runs the equivalent reductions over [B, HW, G, C/G] at a fraction of memory speed
-    (measured in benchmarks/README.md).
-    """
-    b, h, w, c = x.shape
-    size = c // num_groups
-    flat = x.reshape(b, h * w, c)
-    ones = jnp.ones((h * w,), x.dtype)
-    member = (jnp.arange(c)[:, None] // size == jnp.arange(num_groups)[None, :]).astype(x.dtype)
-
-    def group_mean(v):  # [b, hw, c] → [b, 1, c]: the mean over each channel's group
-        sums = jnp.einsum("bnc,n->bc", v, ones, precision="highest")
-        per_group = jnp.einsum("bc,cg->bg", sums, member, precision="highest") / (h * w * size)
+    def group_mean(sums):
+        per_group = jnp.einsum("bc,cg->bg", sums, member, precision="highest") / count
         return jnp.einsum("bg,cg->bc", per_group, member, precision="highest")[:, None, :]
 
-    centred = flat - group_mean(flat)
-    normed = centred * jax.lax.rsqrt(group_mean(centred * centred) + epsilon)
-    return (normed * scale + bias).reshape(x.shape)
+    return group_mean
+
+
+def _group_statistics(flat: jax.Array, num_groups: int, epsilon: float):
+    """(mean, 1/sqrt(var + eps)) [b, 1, c] of `flat` [b, hw, c], two-pass variance."""
+    b, hw, c = flat.shape
+    group_mean = _group_mean(c, num_groups, hw * (c // num_groups))
+    mean = group_mean(jnp.sum(flat, axis=1))
+    centred = flat - mean
+    return mean, lax.rsqrt(group_mean(jnp.sum(centred * centred, axis=1)) + epsilon)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+                   epsilon: float) -> jax.Array:
+    """GroupNorm of NHWC `x` (float32): the math of nnx.GroupNorm(use_fast_variance=False),
+    y = (x - μ_g) / sqrt(σ²_g + eps) · γ + β, with a hand-written gradient.
+
+    Why: XLA:CPU runs autodiff's GroupNorm as many small passes (transposes for the reductions,
+    the normalised input recomputed per use) and nnx's [B, HW, G, C/G] reductions far below
+    memory speed; here every reduction is a sum over the pixels of [b, hw, c] (XLA:CPU's fast
+    form) and the backward pass is two sweeps: with x̂ = (x - μ)·r, r = 1/sqrt(σ² + eps),
+        dβ = Σ dy,  dγ = Σ dy·x̂,  dx = r·(γ·dy - mean_g(γ·dy) - x̂·mean_g(γ·dy·x̂))
+    (benchmarks/README.md, "Learner shapes", measures it).
+    """
+    return _group_norm_forward(x, scale, bias, num_groups, epsilon)[0]
+
+
+def _group_norm_forward(x, scale, bias, num_groups, epsilon):
+    b, h, w, c = x.shape
+    flat = x.reshape(b, h * w, c)
+    mean, inv_std = _group_statistics(flat, num_groups, epsilon)
+    y = ((flat - mean) * inv_std * scale + bias).reshape(x.shape)
+    return y, (x, scale, mean, inv_std)
+
+
+def _group_norm_backward(num_groups, epsilon, residuals, dy):
+    x, scale, mean, inv_std = residuals
+    b, h, w, c = x.shape
+    flat, dy = x.reshape(b, h * w, c), dy.reshape(b, h * w, c)
+    normed = (flat - mean) * inv_std
+    dbias_bc, dscale_bc = jnp.sum(dy, axis=1), jnp.sum(dy * normed, axis=1)  # [b, c]
+    group_mean = _group_mean(c, num_groups, h * w * (c // num_groups))
+    dx = inv_std * (dy * scale - group_mean(dbias_bc * scale) - normed * group_mean(dscale_bc * scale))
+    return dx.reshape(x.shape), jnp.sum(dscale_bc, axis=0), jnp.sum(dbias_bc, axis=0)
+
+
+group_norm_cpu.defvjp(_group_norm_forward, _group_norm_backward)
 
 
 class GroupNorm(nnx.GroupNorm):
-    """nnx.GroupNorm (same parameters, same math); on CPU the statistics are matmuls."""
+    """nnx.GroupNorm (same parameters, same math); on CPU `group_norm_cpu`."""
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         use_matmul = (GROUP_NORM_STATS == "auto" and jax.default_backend() == "cpu"
@@ -164,8 +202,8 @@ class GroupNorm(nnx.GroupNorm):
                       and self.scale is not None and self.bias is not None)
         if not use_matmul:
             return super().__call__(x, mask=mask)
-        return group_norm_matmul_stats(x.astype(jnp.float32), self.scale[...], self.bias[...],
-                                       self.num_groups, self.epsilon)
+        return group_norm_cpu(x.astype(jnp.float32), self.scale[...], self.bias[...],
+                              self.num_groups, self.epsilon)
 
 
 def _group_norm(ch: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
