@@ -160,6 +160,8 @@ def quiet_console(verbose: bool) -> None:
     """Our INFO lines on the console; other libraries' only with --verbose. Call before
     TensorFlow is imported (its C++ logging reads TF_CPP_MIN_LOG_LEVEL once)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    if not verbose:  # TF prints its oneDNN start-up line whatever the log level, unless off
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.INFO)
     if not verbose:
