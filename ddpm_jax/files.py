@@ -13,6 +13,15 @@ from typing import Any
 import numpy as np
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Calls `write(tmp_path)` and then moves the finished file to `path`."""
     path = str(path)
@@ -30,6 +39,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.close(fd)
     try:
         write(tmp)
+        if not remote:  # mkstemp makes 0600 files; give the result open()'s usual mode
+            os.chmod(tmp, 0o666 & ~_UMASK)
         if remote:
             with open(tmp, "rb") as f:
                 target.write_bytes(f.read())
