@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ddpm_jax import generate, images, model_fns, parallel
+from ddpm_jax.edit_mode import check_image_shape
 
 OUTPUTS = ("uint8", "float")
 
@@ -115,12 +116,8 @@ class Pipeline:
                              "uint8 pixels pass x / 127.5 - 1.")
         x = jnp.asarray(x, jnp.float32)
         size, _, channels = self.image_shape
-        if x.ndim != 4 or tuple(x.shape[1:3]) != (size, size):
-            raise ValueError(f"denoise expects x of shape [batch, {size}, {size}, {channels}] "
-                             f"(NHWC), got {tuple(x.shape)}")
-        if x.shape[3] != channels:
-            raise ValueError(f"denoise: x has {x.shape[3]} channels, the model takes {channels} "
-                             f"(NHWC, shape [batch, {size}, {size}, {channels}])")
+        check_image_shape(x.shape, size, channels, "denoise: x",
+                          f"pass x of shape [batch, {size}, {size}, {channels}] (NHWC)")
         return x
 
     def _check_timesteps(self, t: Any, batch: int) -> jax.Array:
