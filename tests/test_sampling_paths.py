@@ -14,12 +14,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import api, checkpointing, parallel, train, train_step
-from helpers import tiny_config, tiny_config_file
+from ddpm_jax import api, parallel, train, train_step
+from helpers import config_flags, override, save_checkpoint, tiny_config, tiny_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
@@ -30,35 +29,18 @@ OVERRIDES = {"model.num_classes": 10, "sample.guidance_scale": 2.0, "sample.meth
 EXPECTED_LABELS = np.repeat(np.arange(10), 2)  # 20 samples of 10 classes: two per class
 
 
-def _config():
-    config = tiny_config()
-    for dotted, value in OVERRIDES.items():
-        section, key = dotted.split(".")
-        config[section][key] = value
-    return config
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """(config, workdir with a checkpoint at step 1 of perturbed EMA weights, its state)."""
-    config = _config()
+    config = override(tiny_config(), OVERRIDES)
     workdir = str(tmp_path_factory.mktemp("paths") / "run")
-    _, state = train_step.create_train_state(config, parallel.make_mesh(jax.local_devices()[:1]))
-    rng = np.random.default_rng(0)
-    ema = jax.tree.map(lambda p: jnp.asarray(p + 0.05 * rng.standard_normal(p.shape),
-                                             jnp.float32), state.ema_params)
-    state = state._replace(ema_params=ema)
-    manager = checkpointing.make_manager(workdir, config.training)
-    checkpointing.save(manager, 1, state, config)
-    manager.wait_until_finished()
-    return config, workdir, state
+    return config, workdir, save_checkpoint(config, workdir, ema_noise=0.05)
 
 
 def _cli_samples(workdir, tmp_path):
-    args = [f"--config.{dotted}={value}" for dotted, value in OVERRIDES.items()]
     result = subprocess.run(
         [sys.executable, "-m", "ddpm_jax.main", "--config", tiny_config_file(tmp_path),
-         "--workdir", workdir, "--mode=sample", *args],
+         "--workdir", workdir, "--mode=sample", *config_flags(OVERRIDES)],
         cwd=REPO, capture_output=True, text=True, timeout=900,
         env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 0, result.stderr[-3000:]
