@@ -654,7 +654,7 @@ def _write_results(config, workdir: str, eval_dir: str, step: int,
           f"{' (' + bpd + ')' if bpd else ''} → {base}.json, .md, .png\n{table}")
 
 
-def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
     """`--mode=eval`: metrics of the latest (or `checkpoint`) EMA weights → `eval/<step>.json`;
     with `eval.samplers`, one row per sampler → `eval/<step>_samplers.{json,md,png}`."""
     from ddpm_jax import checkpointing
