@@ -9,8 +9,9 @@ denoiser and a sampler.
     same_x_T = pipe.sample(16, 0, method="unipc", noise=x_T)  # x_T: [16, 32, 32, 3] floats
 
 The weights are those `--mode=sample` and `--mode=eval` use (the checkpoint's EMA), and
-`sample` keys its calls like `generate.batches`, so the same key on the same device count
-gives the same images as `--mode=sample` with that batch size.
+`sample` draws through `generate.batches`, which keys each sample by its index: the same key
+gives the same images as `--mode=sample` with that seed, whatever the batch size or the number
+of devices.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ class Pipeline:
         overrides: fields of `config.sample`, e.g. num_steps=25, solver_order=3,
         timestep_spacing='trailing', ddim_eta=0.0, clip_denoised.
         The batch per call is `batch_size` or min(n, config.sample.batch_size), rounded up to a
-        multiple of the device count; compiled samplers are cached per setting.
+        multiple of the device count; it changes the speed, not the images. Compiled samplers
+        are cached per setting.
         """
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r} is unknown; use one of {OUTPUTS}")
