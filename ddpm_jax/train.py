@@ -59,7 +59,9 @@ def write_sample_grid(config, workdir, writer, graphdef, state, mesh, step: int)
     samples, progress = next(generate.grid_batches(
         graphdef, state.ema_params, config, mesh, tc.num_grid_samples, key, batch_size=batch,
         progress_every=progress_every))
-    grid = images.make_grid(images.to_uint8(samples))
+    # A conditional model's grid has one row per class, as --mode=sample's; else it is square.
+    _, per_class = generate.sample_labels(config, tc.num_grid_samples)
+    grid = images.make_grid(images.to_uint8(samples), columns=per_class)
     if jax.process_index() == 0:
         images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                         images.upscale(grid))

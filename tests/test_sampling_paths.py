@@ -49,9 +49,8 @@ def _cli_samples(workdir, tmp_path):
     return np.load(os.path.join(workdir, "samples", folder, "samples.npz"))
 
 
-def _grid_cells(grid: np.ndarray, count: int) -> np.ndarray:
-    """The images of a row-major grid of ⌈√count⌉ columns: CELL px cells, PAD px between."""
-    columns = int(np.ceil(np.sqrt(count)))
+def _grid_cells(grid: np.ndarray, count: int, columns: int) -> np.ndarray:
+    """The images of a row-major grid of `columns` columns: CELL px cells, PAD px between."""
     cells = []
     for i in range(count):
         row, column = divmod(i, columns)
@@ -103,7 +102,7 @@ class _Writer:
         self.step, self.pictures = step, pictures
 
 
-def test_training_grid_draws_the_labels_of_its_samples_not_of_its_padded_call(saved, tmp_path):
+def test_training_grid_has_a_row_per_class_and_the_labels_of_its_samples(saved, tmp_path):
     config, workdir, state = saved
     mesh = parallel.make_mesh()
     ema = jax.device_put(state.ema_params, parallel.replicated(mesh))
@@ -114,9 +113,10 @@ def test_training_grid_draws_the_labels_of_its_samples_not_of_its_padded_call(sa
                             state._replace(ema_params=ema), mesh, step)
     assert writer.step == step
     grid = writer.pictures["samples"][0]
-    rows, columns = -(-N // 5), 5
+    # One row per class, as --mode=sample's grid: 10 rows of the 2 samples of each class.
+    rows, columns = 10, 2
     assert grid.shape == (PAD + rows * (CELL + PAD), PAD + columns * (CELL + PAD), 1)
-    cells = _grid_cells(grid, N)
+    cells = _grid_cells(grid, N, columns)
 
     # The grid's one call has 24 rows (20 rounded up to the 8 devices) and the key of its step:
     # the API gives the same 20 samples in its own calls of 16.
