@@ -9,8 +9,9 @@ denoiser and a sampler.
     same_x_T = pipe.sample(16, 0, method="unipc", noise=x_T)  # x_T: [16, 32, 32, 3] floats
 
 The weights are those `--mode=sample` and `--mode=eval` use (the checkpoint's EMA), and
-`sample` keys its calls like `generate.batches`, so the same key on the same device count
-gives the same images as `--mode=sample` with that batch size.
+`sample` draws through `generate.batches`, which keys each sample by its index: the same key
+gives the same images as `--mode=sample` with that seed, whatever the batch size or the number
+of devices.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ddpm_jax import generate, images, model_fns, parallel
+from ddpm_jax.edit_mode import check_image_shape
 
 OUTPUTS = ("uint8", "float")
 
@@ -115,12 +117,8 @@ class Pipeline:
                              "uint8 pixels pass x / 127.5 - 1.")
         x = jnp.asarray(x, jnp.float32)
         size, _, channels = self.image_shape
-        if x.ndim != 4 or tuple(x.shape[1:3]) != (size, size):
-            raise ValueError(f"denoise expects x of shape [batch, {size}, {size}, {channels}] "
-                             f"(NHWC), got {tuple(x.shape)}")
-        if x.shape[3] != channels:
-            raise ValueError(f"denoise: x has {x.shape[3]} channels, the model takes {channels} "
-                             f"(NHWC, shape [batch, {size}, {size}, {channels}])")
+        check_image_shape(x.shape, size, channels, "denoise: x",
+                          f"pass x of shape [batch, {size}, {size}, {channels}] (NHWC)")
         return x
 
     def _check_timesteps(self, t: Any, batch: int) -> jax.Array:
@@ -166,7 +164,8 @@ class Pipeline:
         overrides: fields of `config.sample`, e.g. num_steps=25, solver_order=3,
         timestep_spacing='trailing', ddim_eta=0.0, clip_denoised.
         The batch per call is `batch_size` or min(n, config.sample.batch_size), rounded up to a
-        multiple of the device count; compiled samplers are cached per setting.
+        multiple of the device count; it changes the speed, not the images. Compiled samplers
+        are cached per setting.
         """
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r} is unknown; use one of {OUTPUTS}")

@@ -7,7 +7,9 @@ x [B, H, W, C] and int32 t [B]. The per-step functions ``p_sample`` and ``ddim_s
 in (model output, noise) so they can be tested against other implementations.
 
 Randomness: the noise used at timestep t is ``jax.random.normal(jax.random.fold_in(key, t), x.shape)``,
-so the same key always gives the same samples.
+so the same key always gives the same samples. ``key`` may also be one key per example ([B] keys):
+example b's noise at t is then ``normal(fold_in(key[b], t), x.shape[1:])``, a function of its own
+key alone, whatever batch it is drawn in (how ``generate`` keys every sample by its index).
 """
 
 from __future__ import annotations
@@ -32,8 +34,18 @@ from ddpm_jax.diffusion import (
 
 
 def _step_noise(key: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
-    """N(0, I) noise for timestep t: a pure function of (key, t)."""
-    return jax.random.normal(jax.random.fold_in(key, t), x.shape, dtype=x.dtype)
+    """N(0, I) noise for timestep t: a pure function of (key, t), or with a key per example of
+    (key[b], t) for each example b."""
+    if not _is_key_per_example(key):
+        return jax.random.normal(jax.random.fold_in(key, t), x.shape, dtype=x.dtype)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), x.shape[1:],
+                                                dtype=x.dtype))(key)
+
+
+def _is_key_per_example(key: jax.Array) -> bool:
+    """Whether ``key`` is a batch of keys ([B] typed keys, or [B, 2] raw uint32 ones)."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim == (1 if typed else 2)
 
 
 def _broadcast_batch(values: jax.Array, ndim: int) -> jax.Array:

@@ -48,13 +48,23 @@ def load_images(path: str, image_size: int, channels: int, what: str = "sample.i
             raise ValueError(f"cannot read {what}={path!r} as an image ({e}).") from e
     if not len(images):
         raise ValueError(f"{what}={path!r} holds no images (shape {images.shape}).")
-    if images.shape[1:3] != (image_size, image_size):
-        raise ValueError(f"{what}={path!r} is {images.shape[1]}x{images.shape[2]}, the model "
-                         f"takes {image_size}x{image_size} images; resize it first.")
-    if images.shape[3] != channels:
-        raise ValueError(f"{what}={path!r} has {images.shape[3]} channels, the model takes "
-                         f"{channels}.")
+    check_image_shape(images.shape, image_size, channels, f"{what}={path!r}",
+                      f"resize it to {image_size}x{image_size}, {channels} channel(s), first")
     return images
+
+
+def check_image_shape(shape: tuple[int, ...], image_size: int, channels: int, what: str,
+                      fix: str) -> None:
+    """A one-line ValueError naming `what` (the input) and `fix` unless `shape` is the model's
+    NHWC [N, image_size, image_size, channels]."""
+    shape = tuple(shape)
+    if len(shape) != 4:
+        raise ValueError(f"{what} has shape {shape}, not [N, H, W, C] (NHWC); {fix}.")
+    if shape[1:3] != (image_size, image_size):
+        raise ValueError(f"{what} is {shape[1]}x{shape[2]}, the model takes "
+                         f"{image_size}x{image_size} images; {fix}.")
+    if shape[3] != channels:
+        raise ValueError(f"{what} has {shape[3]} channels, the model takes {channels}; {fix}.")
 
 
 def load_mask(path: str, image_size: int) -> np.ndarray:

@@ -4,7 +4,8 @@ Protocol (docs/original.md §5 and §2.6):
 
 * Samples: `eval.num_samples` EMA samples (`sample.method`, `sample.clip_denoised`) made over all
   devices in parts of `eval.batch_size`. Part i is call i of `generate.batches` with the key
-  `fold_in(key(eval.seed), 0)`, so it is the same whether or not the eval was interrupted.
+  `fold_in(key(eval.seed), 0)`; each sample is a function of that key and its index alone, so
+  a part is the same whether or not the eval was interrupted.
 * Inception (the FID network of 2015-12-05) runs over all devices. By default it sees the samples
   rounded to uint8 (`eval.quantize`), i.e. exactly the images stored in the parts and what an
   external scorer reads from saved images. With `eval.quantize=False` it sees the unquantised
@@ -294,10 +295,14 @@ def check_meta(out_dir: str, meta: Mapping[str, Any]) -> None:
 
 
 def sample_meta(config, step: int, num_devices: int, fingerprint: str) -> dict[str, Any]:
-    """Everything (beyond the checkpoint's model config) that decides a part's samples/features."""
+    """Everything (beyond the checkpoint's model config) that decides a part's samples/features
+    (`keying`: how samples are keyed, so parts drawn with an older rule are not resumed)."""
+    from ddpm_jax import generate
+
     sc = config.sample
     meta = {"checkpoint_step": int(step), "batch_size": int(config.eval.batch_size),
             "seed": int(config.eval.seed), "num_devices": int(num_devices),
+            "keying": generate.SAMPLE_KEYING,
             "method": sc.method, "clip_denoised": bool(sc.clip_denoised),
             "quantize": bool(config.eval.quantize), "inception": fingerprint}
     if sc.method != "ancestral":
@@ -654,7 +659,7 @@ def _write_results(config, workdir: str, eval_dir: str, step: int,
           f"{' (' + bpd + ')' if bpd else ''} → {base}.json, .md, .png\n{table}")
 
 
-def run(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(config, workdir: str, checkpoint: int | None = None) -> dict[str, Any]:
     """`--mode=eval`: metrics of the latest (or `checkpoint`) EMA weights → `eval/<step>.json`;
     with `eval.samplers`, one row per sampler → `eval/<step>_samplers.{json,md,png}`."""
     from ddpm_jax import checkpointing

@@ -8,8 +8,10 @@
   `lax.scan`); `make_sample_fn` compiles it over the mesh, each device on its share of a batch.
 * Labels: `sample_labels`, one rule for every caller: the requested classes in blocks over all
   n samples (one grid row per class), never per batch.
-* Keys: device d of call c draws its x_T and step noise from `fold_in(fold_in(key, c), d)`, so
-  a key gives the same samples for the same batch size and device count.
+* Keys: sample i (its global index among all the samples of a call of `batches`) draws its
+  x_T and its step noise from its own key `fold_in(key, i)` alone (`example_keys`), so a key
+  gives the same samples whatever `sample.batch_size`, the device count or the caller (the CLI,
+  the API, a resumed eval), as vdm keys its examples.
 * Batches: `batches` pads the last call to the batch size, trims it and moves every call's
   samples to the host (`to_host`).
 
@@ -161,16 +163,29 @@ def check_method(config, method: str | None = None, *, start: int | None = None
     return chosen
 
 
+# How `batches` keys its samples (recorded with eval parts): by each sample's global index.
+SAMPLE_KEYING = "fold_in(key, sample index)"
+
+
+def example_keys(key: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x_T keys, chain keys) [N] of the samples with global `indices` [N]: sample i's key
+    fold_in(key, i), split in two. The chain key draws sample i's noise at step t as
+    normal(fold_in(chain key, t)) (`chains`), so nothing depends on the batch."""
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i)))(indices)
+    return keys[:, 0], keys[:, 1]
+
+
 def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, *,
                    method: str | None = None, progress_every: int = 0,
                    given_noise: bool = False) -> Callable:
-    """jit(shard_map(sampler)): `(params, key, labels=None, noise=None) -> samples
-    [batch_size, H, W, C]` in [-1, 1], or `(samples, progress [K, batch_size, H, W, C])` when
-    `progress_every > 0` (x̂_0 every `progress_every` model calls).
+    """jit(shard_map(sampler)): `(params, key, labels=None, noise=None, first_index=0) ->
+    samples [batch_size, H, W, C]` in [-1, 1], or `(samples, progress [K, batch_size, H, W, C])`
+    when `progress_every > 0` (x̂_0 every `progress_every` model calls).
 
-    `labels` [batch_size] int: the class of each sample (conditional models only; default one
-    row per class of `sample.labels`). With `given_noise`, `noise` [batch_size, H, W, C] is the
-    chain's x_T (each device takes its rows) instead of one drawn from the key."""
+    Row r of the batch is sample `first_index + r`, drawn from its `example_keys`. `labels`
+    [batch_size] int: the class of each sample (conditional models only; default one row per
+    class of `sample.labels`). With `given_noise`, `noise` [batch_size, H, W, C] is the chain's
+    x_T (each device takes its rows) instead of one drawn from the key."""
     sc, dc = config.sample, config.diffusion
     chosen = check_method(config, method)
     classes = requested_labels(config)
@@ -179,35 +194,35 @@ def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, 
     shape = (per_device, config.data.image_size, config.data.image_size, config.data.channels)
     xstart_every = progress_every or None
 
-    def device_sample(params, key, labels, x_T):
-        key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
-        noise_key, loop_key = jax.random.split(key)
+    def device_sample(params, key, first_index, labels, x_T):
+        rows = first_index + lax.axis_index(DATA_AXIS) * per_device + jnp.arange(per_device)
+        noise_keys, chain_keys = example_keys(key, rows)
         if x_T is None:
-            x_T = jax.random.normal(noise_key, shape, jnp.float32)
+            x_T = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(noise_keys)
         model_fn = sampling_model_fn(graphdef, params, config, labels)
-        return chains.run_chain(chosen, model_fn, schedule, x_T, loop_key,
+        return chains.run_chain(chosen, model_fn, schedule, x_T, chain_keys,
                                 mean_type=dc.mean_type, var_type=dc.var_type,
                                 clip_denoised=sc.clip_denoised, xstart_every=xstart_every)
 
     out_specs = (P(DATA_AXIS), P(None, DATA_AXIS)) if xstart_every else P(DATA_AXIS)
-    # Only the inputs in use are arguments: unconditional, drawn noise is (params, key).
+    # Only the inputs in use are arguments: unconditional, drawn noise is (params, key, index).
     extra = (["labels"] if classes is not None else []) + (["noise"] if given_noise else [])
 
-    def program(params, key, *args):
+    def program(params, key, first_index, *args):
         given = dict(zip(extra, args))
-        return device_sample(params, key, given.get("labels"), given.get("noise"))
+        return device_sample(params, key, first_index, given.get("labels"), given.get("noise"))
 
     compiled = jax.jit(jax.shard_map(program, mesh=mesh,
-                                     in_specs=(P(), P()) + (P(DATA_AXIS),) * len(extra),
+                                     in_specs=(P(), P(), P()) + (P(DATA_AXIS),) * len(extra),
                                      out_specs=out_specs))
     # Called without labels, one batch takes the labels of that many samples.
     return _SampleFn(compiled, sample_labels(config, batch_size)[0], given_noise, shape, mesh)
 
 
 class _SampleFn:
-    """A compiled sampler `(params, key, labels=None, noise=None)`: labels default to one row per
-    requested class (conditional models), noise is required with `given_noise`; `lower` as on a
-    jitted function."""
+    """A compiled sampler `(params, key, labels=None, noise=None, first_index=0)`: labels default
+    to one row per requested class (conditional models), noise is required with `given_noise`;
+    `lower` as on a jitted function."""
 
     def __init__(self, compiled: Callable, default_labels: np.ndarray | None, given_noise: bool,
                  device_shape: tuple[int, ...], mesh: Mesh):
@@ -222,8 +237,8 @@ class _SampleFn:
         return jax.make_array_from_callback(values.shape, self._sharding,
                                             lambda index: values[index])
 
-    def _args(self, labels, noise) -> tuple:
-        args = []
+    def _args(self, labels, noise, first_index) -> tuple:
+        args = [np.int32(first_index)]
         if self._default_labels is not None:
             labels = self._default_labels if labels is None else np.asarray(labels, np.int32)
             if labels.shape != self._default_labels.shape:
@@ -240,11 +255,11 @@ class _SampleFn:
                              "given_noise=True to pass noise")
         return tuple(args)
 
-    def __call__(self, params, key, labels=None, noise=None):
-        return self._compiled(params, key, *self._args(labels, noise))
+    def __call__(self, params, key, labels=None, noise=None, first_index: int = 0):
+        return self._compiled(params, key, *self._args(labels, noise, first_index))
 
-    def lower(self, params, key, labels=None, noise=None):
-        return self._compiled.lower(params, key, *self._args(labels, noise))
+    def lower(self, params, key, labels=None, noise=None, first_index: int = 0):
+        return self._compiled.lower(params, key, *self._args(labels, noise, first_index))
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -273,11 +288,14 @@ def batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh
              ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yields (samples, progress or None) per call until `num_samples` are made (last trimmed).
 
-    `labels` [num_samples]: the class of each sample for a conditional model (default
-    `sample_labels`: one block of rows per class of `sample.labels`). `noise`
-    [num_samples, H, W, C]: the x_T of each sample instead of drawing them from the key (the
-    step noise of ancestral / DDIM η > 0 sampling still comes from the key). `sample_fn`: a
-    compiled `make_sample_fn` for these settings, `batch_size` and noise, to reuse one."""
+    Sample i (0 ≤ i < num_samples) depends only on `key`, i and its label: its x_T and step
+    noise come from `example_keys(key, i)`, so any `batch_size`, device count or `first_call`
+    (the calls before it skipped, as a resumed eval does) gives the same samples. `labels`
+    [num_samples]: the class of each sample for a conditional model (default `sample_labels`:
+    one block of rows per class of `sample.labels`). `noise` [num_samples, H, W, C]: the x_T of
+    each sample instead of drawing them from the key (the step noise of ancestral / DDIM η > 0
+    sampling still comes from the key). `sample_fn`: a compiled `make_sample_fn` for these
+    settings, `batch_size` and noise, to reuse one."""
     batch_size = batch_size or config.sample.batch_size
     noise = None if noise is None else check_noise(config, num_samples, noise)
     classes = requested_labels(config)
@@ -300,8 +318,8 @@ def batches(graphdef: nnx.GraphDef, params: model_fns.Params, config, mesh: Mesh
         call_noise = None
         if noise is not None:  # the padding rows are sampled and then dropped
             call_noise = np.pad(noise[rows], [(0, batch_size - len(noise[rows]))] + [(0, 0)] * 3)
-        call_key = jax.random.fold_in(key, call)
-        out = sample_fn(params, call_key, None if classes is None else call_labels, call_noise)
+        out = sample_fn(params, key, None if classes is None else call_labels, call_noise,
+                        first_index=call * batch_size)
         samples, progress = out if progress_every else (out, None)
         keep = min(batch_size, num_samples - call * batch_size)
         samples = to_host(samples)[:keep]

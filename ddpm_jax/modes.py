@@ -53,7 +53,7 @@ def run_mode(mode: str, config, workdir: str | None, checkpoint: int | None = No
         from ddpm_jax import evaluate
 
         with workdirs.exclusive(workdir, workdirs.EVAL_LOCK_NAME, "evaluation"):
-            evaluate.run(config, workdir, checkpoint)
+            evaluate.evaluate_checkpoint(config, workdir, checkpoint)
 
 
 def run_or_exit(mode: str, config, workdir: str | None, checkpoint: int | None = None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from ddpm_jax import progress as progress_slots
 from ddpm_jax.diffusion import ModelFn
 
 SPACINGS = ("linspace", "leading", "trailing", "logsnr")
+SOLVERS = ("dpm_solver", "unipc")
 UNIPC_VARIANTS = ("bh1", "bh2")
 DPM_THIRD_ORDER = ("taylor", "reference_code")
 MAX_ORDER = 3
@@ -302,11 +304,12 @@ def _multistep_scan(
     return samples, progress
 
 
-def dpm_solver_sample(
+def multistep_sample(
     eps_fn: ModelFn,
     alphas_cumprod: ArrayLike,
     x_T: jax.Array,
     *,
+    solver: str,
     num_steps: int,
     order: int = 2,
     spacing: str = "linspace",
@@ -314,55 +317,53 @@ def dpm_solver_sample(
     lower_order_final: bool = True,
     final_timestep: int = -1,
     third_order: str = "taylor",
-    xstart_every: int | None = None,
-    after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Multistep DPM-Solver++ (Lu et al. 2022; order 1 is DDIM, 2 is DPM-Solver++(2M)) from x_T
-    at t_0 to ``final_timestep`` (−1: the data) in ``num_steps`` model calls, one ``lax.scan``.
-
-    ``eps_fn(x, t) -> ε`` (int32 t [B]; guidance and labels folded in by the caller; extra output
-    channels such as a learned variance are ignored). ``alphas_cumprod``: the schedule's ᾱ table,
-    concrete (the step coefficients are computed from it on the host). ``clip_denoised`` clips
-    x_θ to [−1, 1] at every step (static thresholding). ``third_order`` picks the 3M weight of the
-    second difference ("taylor", third order; "reference_code", as the DPM-Solver code and
-    diffusers). With ``xstart_every = n`` also returns progress [K, B, ...], K = ceil(S / n),
-    slot k = x_θ at the model call n·k from the end (slot 0: the last one), as ``ddim_sample``.
-    ``after_step(x, t)`` maps each new x at grid timestep t (−1 = the data), e.g. to re-impose
-    known pixels for inpainting.
-    """
-    if third_order not in DPM_THIRD_ORDER:
-        raise ValueError(f"unknown third-order variant {third_order!r}; expected one of {DPM_THIRD_ORDER}")
-    timesteps, lam, alpha, sigma = _grid(alphas_cumprod, num_steps, spacing, final_timestep)
-    orders = step_orders(num_steps, order, lower_order_final, final_timestep == -1)
-    predictor = np.stack([np.append(*dpm_solver_coefficients(lam, alpha, sigma, i, int(p), third_order))
-                          for i, p in enumerate(orders)])
-    return _multistep_scan(eps_fn, x_T, timesteps, alpha, sigma, final_timestep, predictor, None,
-                           clip_denoised, xstart_every, after_step)
-
-
-def unipc_sample(
-    eps_fn: ModelFn,
-    alphas_cumprod: ArrayLike,
-    x_T: jax.Array,
-    *,
-    num_steps: int,
-    order: int = 2,
-    spacing: str = "linspace",
-    clip_denoised: bool = True,
-    lower_order_final: bool = True,
-    final_timestep: int = -1,
     variant: str = "bh2",
     xstart_every: int | None = None,
     after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Multistep UniPC (Zhao et al. 2023): UniP-p predicts x_{i+1}; at the next model call UniC-p
-    corrects it with the new output (which is reused, so still ``num_steps`` calls); no corrector
-    after the last step. Orders 1–3, B(h) ``variant`` "bh1" or "bh2", data prediction.
-    Arguments and returns as ``dpm_solver_sample``."""
+    """A multistep ``solver`` ("dpm_solver" or "unipc") from x_T at t_0 to ``final_timestep``
+    (−1: the data) in ``num_steps`` model calls, one ``lax.scan``.
+
+    ``eps_fn(x, t) -> ε`` (int32 t [B]; guidance and labels folded in by the caller; extra output
+    channels such as a learned variance are ignored). ``alphas_cumprod``: the schedule's ᾱ table,
+    concrete (the step coefficients are computed from it on the host). ``clip_denoised`` clips
+    x_θ to [−1, 1] at every step (static thresholding). ``third_order`` (DPM-Solver++ only) picks
+    the 3M weight of the second difference ("taylor", third order; "reference_code", as the
+    DPM-Solver code and diffusers); ``variant`` (UniPC only) is its B(h), "bh1" or "bh2". With
+    ``xstart_every = n`` also returns progress [K, B, ...], K = ceil(S / n), slot k = x_θ at the
+    model call n·k from the end (slot 0: the last one), as ``ddim_sample``. ``after_step(x, t)``
+    maps each new x at grid timestep t (−1 = the data), e.g. to re-impose known pixels for
+    inpainting.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    if third_order not in DPM_THIRD_ORDER:
+        raise ValueError(f"unknown third-order variant {third_order!r}; expected one of {DPM_THIRD_ORDER}")
     if variant not in UNIPC_VARIANTS:
         raise ValueError(f"unknown UniPC variant {variant!r}; expected one of {UNIPC_VARIANTS}")
     timesteps, lam, alpha, sigma = _grid(alphas_cumprod, num_steps, spacing, final_timestep)
     orders = step_orders(num_steps, order, lower_order_final, final_timestep == -1)
+    if solver == "dpm_solver":
+        predictor, corrector = _dpm_solver_weights(lam, alpha, sigma, orders, third_order), None
+    else:
+        predictor, corrector = _unipc_weights(lam, alpha, sigma, orders, variant)
+    return _multistep_scan(eps_fn, x_T, timesteps, alpha, sigma, final_timestep, predictor,
+                           corrector, clip_denoised, xstart_every, after_step)
+
+
+def _dpm_solver_weights(lam: np.ndarray, alpha: np.ndarray, sigma: np.ndarray,
+                        orders: np.ndarray, third_order: str) -> np.ndarray:
+    """The predictor rows of ``_multistep_scan`` for DPM-Solver++ (no corrector)."""
+    return np.stack([np.append(*dpm_solver_coefficients(lam, alpha, sigma, i, int(p), third_order))
+                     for i, p in enumerate(orders)])
+
+
+def _unipc_weights(lam: np.ndarray, alpha: np.ndarray, sigma: np.ndarray, orders: np.ndarray,
+                   variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(predictor, corrector) rows of ``_multistep_scan`` for UniPC: UniP-p predicts x_{i+1}; at
+    the next model call UniC-p corrects it with the new output (which is reused, so still S
+    calls); no corrector after the last step."""
+    num_steps = len(orders)
     predictor = np.stack([np.append(*unipc_coefficients(lam, alpha, sigma, i, int(p), variant, False))
                           for i, p in enumerate(orders)])
     # UniP's (x_i, m_i, m_{i-1}, m_{i-2}) weights sit in positions 0, 2, 3, 4 of its row.
@@ -372,5 +373,18 @@ def unipc_sample(
     for i in range(1, num_steps):
         a, c = unipc_coefficients(lam, alpha, sigma, i - 1, int(orders[i - 1]), variant, True)
         corrector[i, 1], corrector[i, 2:] = a, c
-    return _multistep_scan(eps_fn, x_T, timesteps, alpha, sigma, final_timestep, predictor,
-                           corrector, clip_denoised, xstart_every, after_step)
+    return predictor, corrector
+
+
+def dpm_solver_sample(eps_fn: ModelFn, alphas_cumprod: ArrayLike, x_T: jax.Array,
+                      **options: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Multistep DPM-Solver++ (Lu et al. 2022; order 1 is DDIM, 2 is DPM-Solver++(2M)):
+    ``multistep_sample`` with solver "dpm_solver", the same keyword ``options``."""
+    return multistep_sample(eps_fn, alphas_cumprod, x_T, solver="dpm_solver", **options)
+
+
+def unipc_sample(eps_fn: ModelFn, alphas_cumprod: ArrayLike, x_T: jax.Array,
+                 **options: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Multistep UniPC (Zhao et al. 2023; orders 1–3, B(h) ``variant`` "bh1" or "bh2", data
+    prediction): ``multistep_sample`` with solver "unipc", the same keyword ``options``."""
+    return multistep_sample(eps_fn, alphas_cumprod, x_T, solver="unipc", **options)

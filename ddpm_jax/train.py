@@ -59,7 +59,9 @@ def write_sample_grid(config, workdir, writer, graphdef, state, mesh, step: int)
     samples, progress = next(generate.grid_batches(
         graphdef, state.ema_params, config, mesh, tc.num_grid_samples, key, batch_size=batch,
         progress_every=progress_every))
-    grid = images.make_grid(images.to_uint8(samples))
+    # A conditional model's grid has one row per class, as --mode=sample's; else it is square.
+    _, per_class = generate.sample_labels(config, tc.num_grid_samples)
+    grid = images.make_grid(images.to_uint8(samples), columns=per_class)
     if jax.process_index() == 0:
         images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                         images.upscale(grid))
@@ -83,103 +85,151 @@ def train_and_evaluate(config, workdir: str, checkpoint: int | None = None
     mesh = parallel.make_mesh()
     parallel.log_layout(mesh)
     validate.check_training_run(config, mesh)
-    dataset = _load_in_memory_dataset(config)
-    stream = None if config.data.in_memory else input_pipeline.open_stream(config.data)
-
+    data = (_load_in_memory_dataset(config) if config.data.in_memory
+            else input_pipeline.open_stream(config.data))
     manager = checkpointing.make_manager(workdir, tc)
     graphdef, state, start_step = _restore_or_create(config, workdir, manager, mesh, checkpoint)
     if start_step >= tc.num_steps:
-        if jax.process_index() == 0:
-            print(f"{checkpointing.checkpoint_dir(workdir)} is already at step {start_step} (training.num_steps="
-                  f"{tc.num_steps}); nothing to do. To train further, pass "
-                  f"--config.training.num_steps=N with N > {start_step}, e.g. "
-                  f"--config.training.num_steps={2 * start_step}.")
+        _print_nothing_to_do(workdir, tc, start_step)
         return state
 
-    data_position = _restored_data_position(config, manager, start_step)
-    writer = _make_writer(workdir)
-    if start_step == 0:
-        writer.write_hparams({key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                              for key, value in checkpointing.flatten_config(config).items()})
-    seed_key = jax.random.key(config.seed)
-
-    stop = _StopSignal().install()
-    peak = utilisation.peak_flops(jax.local_devices()[0], config.model.dtype)
-    flops_per_step = None
-    profile = profiling.ProfileWindow(tuple(tc.get("profile_steps", ())), workdir)
-    step = start_step
-    step_fns = {}
-    batches = None
-    clock = _Clock(config)
-    summary = {}
-    skips = _SkippedUpdates()
+    loop = _TrainLoop(config, workdir, manager, mesh, graphdef, data, start_step)
     try:
-        while step < tc.num_steps:
-            steps_this_call = min(tc.steps_per_call, tc.num_steps - step)
-            if batches is None or steps_this_call not in step_fns:
-                batches = make_batches(config, dataset or stream, step, steps_this_call,
-                                       data_position)
-            batch = next(batches)
-            data_position = batch.position
-            batch_images = parallel.to_global_array(batch.images, mesh, batch_axis=1)
-            batch_labels = parallel.to_global_array(batch.labels, mesh, batch_axis=1)
-            if steps_this_call not in step_fns:
-                step_fns[steps_this_call] = _compile_train_step(
-                    graphdef, config, mesh, steps_this_call,
-                    (state, batch_images, batch_labels, seed_key))
-                flops_per_step = utilisation.step_flops(step_fns[steps_this_call])
-            profile.before_call(step, steps_this_call)
-            started = time.perf_counter()
-            state, metrics = step_fns[steps_this_call](state, batch_images, batch_labels,
-                                                       seed_key)
-            skipped = np.asarray(jax.device_get(metrics["skipped_nonfinite"])) > 0
-            clock.trained(steps_this_call, time.perf_counter() - started)
-            before, step = step, step + steps_this_call
-            profile.after_call(step)
-            skips.record(before, skipped)
-
-            if crossed(before, step, tc.log_every) or step == tc.num_steps:
-                summary = _log_progress(writer, tc, step, metrics, state, clock,
-                                        flops_per_step, peak)
-            streak = int(state.nonfinite_streak)
-            if streak >= tc.max_nonfinite:
-                checkpointing.wait_until_finished(manager)
-                raise NonFiniteError(_divergence_message(
-                    manager, tc, streak, skips.first or step, step))
-
-            if crossed(before, step, tc.checkpoint_every) or step == tc.num_steps:
-                skips.save_point(manager, step, state, config, clock, data_position)
-            if crossed(before, step, tc.sample_every) or step == tc.num_steps:
-                logging.info("drawing %d samples for the grid at step %d from the EMA weights "
-                             "(decay %g%s)%s...", tc.num_grid_samples, step, tc.ema_decay,
-                             ", with warm-up" if tc.get("ema_warmup", False) else "",
-                             "" if clock.grids_drawn else ", includes compiling the sampler")
-                started = time.perf_counter()
-                write_sample_grid(config, workdir, writer, graphdef, state, mesh, step)
-                clock.drew_grid(time.perf_counter() - started)
-                logging.info("wrote %s in %.1f s", _grid_path(workdir, step), clock.grid_seconds)
-            if stop.any_process():
-                logging.warning("received %s at step %d: saving a checkpoint and exiting",
-                                stop.received or "a stop signal", step)
-                if skips.in_window or manager.latest_step() != step:
-                    skips.save_point(manager, step, state, config, clock, data_position)
+        while loop.step < tc.num_steps:
+            before, state, metrics = loop.train_call(state)
+            loop.log_and_check(before, state, metrics)
+            loop.save_and_draw(before, state)
+            if loop.stop_requested(state):
                 break
     finally:
-        profile.close()
-        checkpointing.wait_until_finished(manager)
-        writer.flush()
-        stop.uninstall()
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("train_and_evaluate:end")
-    _print_outcome(manager, workdir, tc, stop.received, start_step, step, summary)
+        loop.close()
+    _print_outcome(manager, workdir, tc, loop.stop.received, start_step, loop.step, loop.summary)
     return state
 
 
-def _load_in_memory_dataset(config) -> input_pipeline.Dataset | None:
-    """The whole split in host memory, checked against the model and the batch (None when the
-    data is streamed)."""
-    if not config.data.in_memory:
-        return None
+class _TrainLoop:
+    """What the loop carries between calls of the train step (the step, the data position, the
+    compiled step per call length, the clock, the skipped updates) and its steps: one call,
+    then the hooks that follow it (progress line and divergence check, checkpoint and sample
+    grid, stop signal)."""
+
+    def __init__(self, config, workdir: str, manager, mesh, graphdef, data, start_step: int):
+        tc = config.training
+        self.config, self.workdir, self.manager, self.mesh = config, workdir, manager, mesh
+        self.graphdef, self.data = graphdef, data
+        self.data_position = _restored_data_position(config, manager, start_step)
+        self.writer = _make_writer(workdir)
+        if start_step == 0:
+            self.writer.write_hparams({
+                key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                for key, value in checkpointing.flatten_config(config).items()})
+        self.seed_key = jax.random.key(config.seed)
+        self.stop = _StopSignal().install()
+        self.peak = utilisation.peak_flops(jax.local_devices()[0], config.model.dtype)
+        self.flops_per_step = None
+        self.profile = profiling.ProfileWindow(tuple(tc.get("profile_steps", ())), workdir)
+        self.step = start_step
+        self.step_fns = {}
+        self.batches = None
+        self.clock = _Clock(config)
+        self.summary = {}
+        self.skips = _SkippedUpdates()
+
+    def train_call(self, state: train_step.TrainState
+                   ) -> tuple[int, train_step.TrainState, Any]:
+        """One call of the train step (compiled on first use of its length) on the next batch:
+        (the step before it, the new state, its metrics)."""
+        tc = self.config.training
+        steps_this_call = min(tc.steps_per_call, tc.num_steps - self.step)
+        if self.batches is None or steps_this_call not in self.step_fns:
+            self.batches = make_batches(self.config, self.data, self.step, steps_this_call,
+                                        self.data_position)
+        batch = next(self.batches)
+        self.data_position = batch.position
+        batch_images = parallel.to_global_array(batch.images, self.mesh, batch_axis=1)
+        batch_labels = parallel.to_global_array(batch.labels, self.mesh, batch_axis=1)
+        if steps_this_call not in self.step_fns:
+            self.step_fns[steps_this_call] = _compile_train_step(
+                self.graphdef, self.config, self.mesh, steps_this_call,
+                (state, batch_images, batch_labels, self.seed_key))
+            self.flops_per_step = utilisation.step_flops(self.step_fns[steps_this_call])
+        self.profile.before_call(self.step, steps_this_call)
+        started = time.perf_counter()
+        state, metrics = self.step_fns[steps_this_call](state, batch_images, batch_labels,
+                                                        self.seed_key)
+        skipped = np.asarray(jax.device_get(metrics["skipped_nonfinite"])) > 0
+        self.clock.trained(steps_this_call, time.perf_counter() - started)
+        before, self.step = self.step, self.step + steps_this_call
+        self.profile.after_call(self.step)
+        self.skips.record(before, skipped)
+        return before, state, metrics
+
+    def _due(self, before: int, every: int) -> bool:
+        return crossed(before, self.step, every) or self.step == self.config.training.num_steps
+
+    def log_and_check(self, before: int, state: train_step.TrainState, metrics: Any) -> None:
+        """The progress line when due; a NonFiniteError after `training.max_nonfinite`
+        consecutive skipped updates."""
+        tc = self.config.training
+        if self._due(before, tc.log_every):
+            self.summary = _log_progress(self.writer, tc, self.step, metrics, state, self.clock,
+                                         self.flops_per_step, self.peak)
+        streak = int(state.nonfinite_streak)
+        if streak >= tc.max_nonfinite:
+            checkpointing.wait_until_finished(self.manager)
+            raise NonFiniteError(_divergence_message(
+                self.manager, tc, streak, self.skips.first or self.step, self.step))
+
+    def save_and_draw(self, before: int, state: train_step.TrainState) -> None:
+        """The checkpoint and the sample grid, when due."""
+        tc = self.config.training
+        if self._due(before, tc.checkpoint_every):
+            self.skips.save_point(self.manager, self.step, state, self.config, self.clock,
+                                  self.data_position)
+        if self._due(before, tc.sample_every):
+            logging.info("drawing %d samples for the grid at step %d from the EMA weights "
+                         "(decay %g%s)%s...", tc.num_grid_samples, self.step, tc.ema_decay,
+                         ", with warm-up" if tc.get("ema_warmup", False) else "",
+                         "" if self.clock.grids_drawn else ", includes compiling the sampler")
+            started = time.perf_counter()
+            write_sample_grid(self.config, self.workdir, self.writer, self.graphdef, state,
+                              self.mesh, self.step)
+            self.clock.drew_grid(time.perf_counter() - started)
+            logging.info("wrote %s in %.1f s", _grid_path(self.workdir, self.step),
+                         self.clock.grid_seconds)
+
+    def stop_requested(self, state: train_step.TrainState) -> bool:
+        """Whether any process received SIGTERM or Ctrl-C; if so the state is saved first."""
+        if not self.stop.any_process():
+            return False
+        logging.warning("received %s at step %d: saving a checkpoint and exiting",
+                        self.stop.received or "a stop signal", self.step)
+        if self.skips.in_window or self.manager.latest_step() != self.step:
+            self.skips.save_point(self.manager, self.step, state, self.config, self.clock,
+                                  self.data_position)
+        return True
+
+    def close(self) -> None:
+        """Ends the profile, waits for the last checkpoint, flushes the events and restores the
+        signal handlers (then all processes meet)."""
+        self.profile.close()
+        checkpointing.wait_until_finished(self.manager)
+        self.writer.flush()
+        self.stop.uninstall()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("train_and_evaluate:end")
+
+
+def _print_nothing_to_do(workdir: str, tc, start_step: int) -> None:
+    if jax.process_index() == 0:
+        print(f"{checkpointing.checkpoint_dir(workdir)} is already at step {start_step} (training.num_steps="
+              f"{tc.num_steps}); nothing to do. To train further, pass "
+              f"--config.training.num_steps=N with N > {start_step}, e.g. "
+              f"--config.training.num_steps={2 * start_step}.")
+
+
+def _load_in_memory_dataset(config) -> input_pipeline.Dataset:
+    """The whole split in host memory, checked against the model and the batch."""
     dataset = input_pipeline.load_dataset(config.data)
     logging.info("dataset %s: %d images of %s", config.data.name, len(dataset.images),
                  dataset.images.shape[1:])

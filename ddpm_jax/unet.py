@@ -296,19 +296,12 @@ class AttnBlock(nnx.Module):
         return (x + self.proj_out(h)).astype(self.dtype)
 
 
-def _blocks_and_attention(
-    block_in_channels: Sequence[int], out_ch: int, temb_ch: int, *, with_attn: bool,
-    dropout: float, dtype: Any, rngs: nnx.Rngs
-) -> tuple[nnx.List, nnx.List]:
-    """A level's `block[j]` (one per input width) and, at attention resolutions, `attn[j]`."""
-    blocks = [ResnetBlock(c, out_ch, temb_ch, dropout=dropout, dtype=dtype, rngs=rngs)
-              for c in block_in_channels]
-    attention = [AttnBlock(out_ch, dtype=dtype, rngs=rngs) for _ in block_in_channels] if with_attn else []
-    return nnx.List(blocks), nnx.List(attention)
+class _Level(nnx.Module):
+    """A level's `block[j]` (one per input width), at attention resolutions `attn[j]` after each
+    block, and its optional resampling conv between levels, named by the subclass."""
 
-
-class DownLevel(nnx.Module):
-    """Scope `down_{i}`: `block[j]`, optional `attn[j]` after each block, optional `downsample` conv."""
+    resample_scope: str
+    resample_stride: int
 
     def __init__(
         self,
@@ -317,17 +310,25 @@ class DownLevel(nnx.Module):
         temb_ch: int,
         *,
         with_attn: bool,
-        with_downsample: bool,
+        with_resample: bool,
         dropout: float,
         dtype: Any,
         rngs: nnx.Rngs,
     ):
-        self.block, self.attn = _blocks_and_attention(
-            block_in_channels, out_ch, temb_ch, with_attn=with_attn, dropout=dropout, dtype=dtype,
-            rngs=rngs)
-        self.downsample = (
-            _conv3x3(out_ch, out_ch, stride=2, dtype=dtype, rngs=rngs) if with_downsample else None
-        )
+        self.block = nnx.List([ResnetBlock(c, out_ch, temb_ch, dropout=dropout, dtype=dtype, rngs=rngs)
+                               for c in block_in_channels])
+        self.attn = nnx.List([AttnBlock(out_ch, dtype=dtype, rngs=rngs) for _ in block_in_channels]
+                             if with_attn else [])
+        resample = (_conv3x3(out_ch, out_ch, stride=self.resample_stride, dtype=dtype, rngs=rngs)
+                    if with_resample else None)
+        setattr(self, self.resample_scope, resample)
+
+
+class DownLevel(_Level):
+    """Scope `down_{i}`: `block[j]`, optional `attn[j]` after each block, optional `downsample`
+    conv (stride 2)."""
+
+    resample_scope, resample_stride = "downsample", 2
 
 
 class MidLevel(nnx.Module):
@@ -339,25 +340,11 @@ class MidLevel(nnx.Module):
         self.block_2 = ResnetBlock(ch, ch, temb_ch, dropout=dropout, dtype=dtype, rngs=rngs)
 
 
-class UpLevel(nnx.Module):
-    """Scope `up_{i}`: `block[j]` on concat([h, skip]), optional `attn[j]`, optional `upsample` conv."""
+class UpLevel(_Level):
+    """Scope `up_{i}`: `block[j]` on concat([h, skip]), optional `attn[j]`, optional `upsample`
+    conv (after a nearest-neighbour 2x)."""
 
-    def __init__(
-        self,
-        block_in_channels: Sequence[int],
-        out_ch: int,
-        temb_ch: int,
-        *,
-        with_attn: bool,
-        with_upsample: bool,
-        dropout: float,
-        dtype: Any,
-        rngs: nnx.Rngs,
-    ):
-        self.block, self.attn = _blocks_and_attention(
-            block_in_channels, out_ch, temb_ch, with_attn=with_attn, dropout=dropout, dtype=dtype,
-            rngs=rngs)
-        self.upsample = _conv3x3(out_ch, out_ch, dtype=dtype, rngs=rngs) if with_upsample else None
+    resample_scope, resample_stride = "upsample", 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +390,7 @@ def _down_levels(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
                 block_out,
                 temb_ch,
                 with_attn=current_res in attn_resolutions,
-                with_downsample=not is_last,
+                with_resample=not is_last,
                 **common,
             )
         )
@@ -437,7 +424,7 @@ def _up_levels(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
             block_out,
             temb_ch,
             with_attn=current_res in attn_resolutions,
-            with_upsample=i_level != 0,
+            with_resample=i_level != 0,
             **common,
         )
         if i_level != 0:

@@ -91,7 +91,7 @@ def test_sweep_writes_one_row_per_sampler_and_resumes_per_entry(mesh, inception_
     with tfds.testing.mock_data(num_examples=8):
         monkeypatch.setattr(evaluate, "save_part", dies_in_the_third_entry)
         with pytest.raises(KeyboardInterrupt):
-            evaluate.run(config, workdir)
+            evaluate.evaluate_checkpoint(config, workdir)
         monkeypatch.setattr(evaluate, "save_part", save_part)
         finished = {(path, part): os.stat(evaluate.part_path(path, part)).st_mtime_ns
                     for path in folders[:2] for part in (0, 1)}

@@ -342,7 +342,7 @@ def test_eval_end_to_end_on_mock_cifar10_resumes_after_a_kill(mesh, inception_np
         # An eval killed while writing its second part ...
         monkeypatch.setattr(evaluate, "save_part", dies_at_part_1)
         with pytest.raises(KeyboardInterrupt):
-            evaluate.run(config, workdir)
+            evaluate.evaluate_checkpoint(config, workdir)
         monkeypatch.setattr(evaluate, "save_part", save_part)
         assert not os.path.exists(evaluate.part_path(parts_dir, 1))
         before = os.stat(evaluate.part_path(parts_dir, 0))

@@ -9,13 +9,13 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import digits
-from ddpm_jax import checkpointing, parallel, sample_mode, train_step
+from ddpm_jax import sample_mode
+from helpers import config_flags, override, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/digits.py shrunk to seconds; the CLI gets the same overrides.
@@ -24,23 +24,14 @@ OVERRIDES = {"model.num_res_blocks": 1, "diffusion.num_timesteps": 20, "sample.b
 
 
 def small_digits_config():
-    config = digits.get_config()
-    for dotted, value in OVERRIDES.items():
-        section, key = dotted.split(".")
-        config[section][key] = value
-    return config
+    return override(digits.get_config(), OVERRIDES)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A checkpoint (step 1) of a freshly initialised small digits model."""
-    config = small_digits_config()
     path = str(tmp_path_factory.mktemp("sample_outputs") / "run")
-    mesh = parallel.make_mesh(jax.local_devices()[:1])
-    _, state = train_step.create_train_state(config, mesh)
-    manager = checkpointing.make_manager(path, config.training)
-    checkpointing.save(manager, 1, state, config)
-    manager.wait_until_finished()
+    save_checkpoint(small_digits_config(), path)
     return path
 
 
@@ -50,10 +41,9 @@ def _listing(root):
 
 
 def _cli(workdir, *args):
-    overrides = [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
     return subprocess.run(
         [sys.executable, "-m", "ddpm_jax.main", "--mode=sample", "--config",
-         os.path.join(REPO, "configs", "digits.py"), f"--workdir={workdir}", *overrides, *args],
+         os.path.join(REPO, "configs", "digits.py"), f"--workdir={workdir}", *config_flags(OVERRIDES), *args],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 

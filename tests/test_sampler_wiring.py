@@ -2,9 +2,9 @@
 the editing tasks and the training grids.
 
 What `--mode=sample` and `Pipeline.sample` make is compared with the solvers and samplers
-called directly on the x_T each device draws (`generate`'s keying: device d of call c uses
-split(fold_in(fold_in(key, c), d))), and the editing tasks with the closed-form
-probability-flow ODE map of Gaussian data."""
+called directly on the x_T of each sample (`generate`'s keying: sample i draws x_T and its
+chain's noise from split(fold_in(key, i)), whatever its call or device), and the editing tasks
+with the closed-form probability-flow ODE map of Gaussian data."""
 
 import importlib
 import json
@@ -47,15 +47,20 @@ def unconditional():
     return config, graphdef, params, api.Pipeline(config, graphdef, params, 1, mesh)
 
 
-def _device_keys(key, call=0):
-    """(noise key, loop key) of each device for call `call`, as `generate.make_sample_fn`."""
-    call_key = jax.random.fold_in(key, call)
-    return [jax.random.split(jax.random.fold_in(call_key, d)) for d in range(NUM_DEVICES)]
+def _sample_keys(key, num_samples=16):
+    """(x_T key, chain key) of each sample i: split(fold_in(key, i)), whatever its batch."""
+    return [jax.random.split(jax.random.fold_in(key, i)) for i in range(num_samples)]
 
 
-def _device_x_T(key, shape):
-    return np.concatenate([np.asarray(jax.random.normal(noise_key, shape, jnp.float32))
-                           for noise_key, _ in _device_keys(key)])
+def _x_T(key, num_samples=16):
+    return np.stack([np.asarray(jax.random.normal(noise_key, (8, 8, 1), jnp.float32))
+                     for noise_key, _ in _sample_keys(key, num_samples)])
+
+
+def _device_chain_keys(key, num_samples=16):
+    """Each device's chain keys [per device], one per sample of its rows."""
+    keys = jnp.stack([chain_key for _, chain_key in _sample_keys(key, num_samples)])
+    return jnp.split(keys, NUM_DEVICES)
 
 
 def _direct(config, denoise, x_T, loop_keys=None):
@@ -100,7 +105,7 @@ def test_mode_sample_writes_the_solver_on_each_device_x_T(tmp_path, method, orde
     out_dir = sample_mode.write_samples(config, workdir)
     assert os.path.basename(out_dir).startswith(f"{method}_step00000001_seed0_")
     saved = np.load(os.path.join(out_dir, "samples.npz"))["images"]
-    x_T = _device_x_T(jax.random.key(config.sample.seed), (2, 8, 8, 1))
+    x_T = _x_T(jax.random.key(config.sample.seed))
     expected = _direct(config, model_fns.model_fn(graphdef, params), x_T)
     # uint8 rounding: batch-2 calls here vs the mesh's may round a pixel across a .5 boundary.
     assert np.abs(saved.astype(int) - images.to_uint8(expected).astype(int)).max() <= 1
@@ -119,8 +124,8 @@ def test_api_noise_starts_every_method_from_the_given_x_T(unconditional, method)
     run_config = config.copy_and_resolve_references()
     run_config.sample.method, run_config.sample.num_steps = method, steps or 20
     run_config.sample.timestep_spacing = "logsnr"
-    loop_keys = [loop_key for _, loop_key in _device_keys(jax.random.key(3))]
-    expected = _direct(run_config, model_fns.model_fn(graphdef, params), x_T, loop_keys)
+    expected = _direct(run_config, model_fns.model_fn(graphdef, params), x_T,
+                       _device_chain_keys(jax.random.key(3)))
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
     other_key = pipe.sample(16, 4, method=method, num_steps=steps, noise=x_T, output="float")
     if method == "ancestral":  # the step noise still comes from the key
@@ -353,7 +358,7 @@ def test_training_grid_is_the_solver_on_each_device_x_T(unconditional):
         progress_every=5))
     solver_config = _solver_config("dpm_solver", steps=6, spacing="linspace")
     expected = _direct(solver_config, model_fns.model_fn(graphdef, params),
-                       _device_x_T(key, (2, 8, 8, 1)))
+                       _x_T(key))
     np.testing.assert_allclose(samples, expected, atol=2e-5, rtol=0)
     # progress_every = 5 of T = 20 ancestral steps is every ⌈5·6/20⌉ = 2 of the 6 model calls.
     assert progress.shape == (3, 16, 8, 8, 1)

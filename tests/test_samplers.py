@@ -116,6 +116,17 @@ def assert_moments(samples, mean, std, n_se=5.0):
     assert abs(samples.std() - std) < n_se * std / math.sqrt(2 * n), (samples.std(), std)
 
 
+def assert_data_law(samples, std_ratio_range):
+    """The samples' mean within 1e-3 of the data's and their std / DATA_STD inside
+    `std_ratio_range`, each widened by 5 standard errors."""
+    samples = np.asarray(samples, np.float64)
+    standard_error = DATA_STD / math.sqrt(samples.size)
+    assert abs(samples.mean() - DATA_MEAN) < 1e-3 + 5 * standard_error
+    std_error = 5 * standard_error / math.sqrt(2) / DATA_STD
+    low, high = std_ratio_range
+    assert low - std_error < samples.std() / DATA_STD < high + std_error, samples.std() / DATA_STD
+
+
 # ----------------------------------------------------------------------------- distribution tests
 
 
@@ -134,10 +145,7 @@ def test_ancestral_sampling_recovers_gaussian_data(linear_betas, linear_schedule
     assert_moments(samples, exact_mean, exact_std)
     # ... and the data's law, to which T = 1000 steps bring the chain within 1e-3 in the mean and 2% in
     # the std (fixedlarge is slightly too wide, fixedsmall too narrow), plus 5 standard errors.
-    samples = np.asarray(samples, np.float64)
-    standard_error = DATA_STD / math.sqrt(samples.size)
-    assert abs(samples.mean() - DATA_MEAN) < 1e-3 + 5 * standard_error
-    assert abs(samples.std() / DATA_STD - 1) < 0.02 + 5 * standard_error / math.sqrt(2) / DATA_STD
+    assert_data_law(samples, (0.98, 1.02))
 
 
 @pytest.mark.parametrize("num_steps", [50, 1000])
@@ -158,14 +166,7 @@ def test_ddim_sampling_on_gaussian_data(linear_betas, linear_schedule, num_steps
     # Against the data's law (plus 5 standard errors): the mean within 1e-3; DDIM contracts the spread of a
     # narrow Gaussian when steps are coarse (Cauchy-Schwarz), and with all 1000 steps it is within 1% of
     # the data std.
-    samples = np.asarray(samples, np.float64)
-    standard_error = DATA_STD / math.sqrt(samples.size)
-    assert abs(samples.mean() - DATA_MEAN) < 1e-3 + 5 * standard_error
-    std_error = 5 * standard_error / math.sqrt(2) / DATA_STD
-    if num_steps == T:
-        assert abs(samples.std() / DATA_STD - 1) < 0.01 + std_error
-    else:
-        assert 0.8 - std_error < samples.std() / DATA_STD < 0.95 + std_error
+    assert_data_law(samples, (0.99, 1.01) if num_steps == T else (0.8, 0.95))
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import checkpointing, modes, train_step
-from helpers import Watched, tiny_config
+from helpers import Watched, config_flags, override, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,38 +94,50 @@ def test_resume_continues_exactly(tmp_path):
     straight, _ = _final_state(str(tmp_path / "straight"), config)
     resumed, step = _final_state(str(tmp_path / "resumed"), config)
     assert step == 4
-    assert _max_diff(straight.params, resumed.params) <= 1e-6
-    assert _max_diff(straight.ema_params, resumed.ema_params) <= 1e-6
-    assert _max_diff(straight.opt_state, resumed.opt_state) <= 1e-6
+    _assert_same_state(straight, resumed)
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line, stopped by signals.
 
-CLI_OVERRIDES = [
-    "--config.model.ch=32", "--config.model.num_res_blocks=1", "--config.model.dropout=0",
-    "--config.diffusion.num_timesteps=20", "--config.training.batch_size=16",
-    "--config.training.steps_per_call=1", "--config.training.log_every=1",
-    "--config.training.sample_every=0", "--config.training.keep_checkpoints=10",
-]
+# configs/digits.py shrunk for the command line and for reading what it wrote.
+CLI_OVERRIDES = {
+    "model.ch": 32, "model.num_res_blocks": 1, "model.dropout": 0.0,
+    "diffusion.num_timesteps": 20, "training.batch_size": 16, "training.steps_per_call": 1,
+    "training.log_every": 1, "training.sample_every": 0, "training.keep_checkpoints": 10,
+}
 
 
 def _cli(workdir, num_steps, checkpoint_every):
     return [sys.executable, "-m", "ddpm_jax.main", "--config", os.path.join(REPO, "configs/digits.py"),
             "--workdir", workdir, f"--config.training.num_steps={num_steps}",
-            f"--config.training.checkpoint_every={checkpoint_every}", *CLI_OVERRIDES]
+            f"--config.training.checkpoint_every={checkpoint_every}", *config_flags(CLI_OVERRIDES)]
 
 
 def _cli_config(num_steps, checkpoint_every):
     from configs import digits
 
-    config = digits.get_config()
-    config.model.ch, config.model.num_res_blocks, config.model.dropout = 32, 1, 0.0
-    config.diffusion.num_timesteps = 20
-    tc = config.training
-    tc.batch_size, tc.steps_per_call, tc.log_every, tc.sample_every = 16, 1, 1, 0
-    tc.keep_checkpoints, tc.num_steps, tc.checkpoint_every = 10, num_steps, checkpoint_every
-    return config
+    return override(digits.get_config(), {**CLI_OVERRIDES, "training.num_steps": num_steps,
+                                          "training.checkpoint_every": checkpoint_every})
+
+
+def _assert_same_state(a, b):
+    """params, EMA and optimizer state equal to float32 rounding."""
+    assert _max_diff(a.params, b.params) <= 1e-6
+    assert _max_diff(a.ema_params, b.ema_params) <= 1e-6
+    assert _max_diff(a.opt_state, b.opt_state) <= 1e-6
+
+
+def _assert_resumes_exactly(workdir, checkpoint_every, resumed_from, uninterrupted):
+    """The command line run again to step 12 resumes from `resumed_from` and ends in the state of
+    the uninterrupted run."""
+    result = subprocess.run(_cli(workdir, 12, checkpoint_every), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step {resumed_from}" in result.stderr
+    resumed, step = _final_state(workdir, _cli_config(12, checkpoint_every))
+    assert step == 12
+    _assert_same_state(resumed, uninterrupted)
 
 
 def _wait_for(predicate, process, timeout=300):
@@ -166,16 +178,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, uninterrup
     assert 0 < stopped_at < 12
     manager = checkpointing.make_manager(workdir, read_only=True)
     assert list(manager.all_steps()) == [stopped_at]
-
-    result = subprocess.run(_cli(workdir, 12, 100), cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from step {stopped_at}" in result.stderr
-    resumed, step = _final_state(workdir, _cli_config(12, 100))
-    assert step == 12
-    assert _max_diff(resumed.params, uninterrupted.params) <= 1e-6
-    assert _max_diff(resumed.ema_params, uninterrupted.ema_params) <= 1e-6
-    assert _max_diff(resumed.opt_state, uninterrupted.opt_state) <= 1e-6
+    _assert_resumes_exactly(workdir, 100, stopped_at, uninterrupted)
 
 
 def test_kill_9_resumes_from_last_checkpoint(tmp_path, uninterrupted):
@@ -188,11 +191,4 @@ def test_kill_9_resumes_from_last_checkpoint(tmp_path, uninterrupted):
     process.communicate(timeout=60)
     last = checkpointing.make_manager(workdir, read_only=True).latest_step()
     assert last in (4, 8)
-
-    result = subprocess.run(_cli(workdir, 12, 4), cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from step {last}" in result.stderr
-    resumed, step = _final_state(workdir, _cli_config(12, 4))
-    assert step == 12
-    assert _max_diff(resumed.params, uninterrupted.params) <= 1e-6
+    _assert_resumes_exactly(workdir, 4, last, uninterrupted)
