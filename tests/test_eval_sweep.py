@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm_jax import evaluate, generate, images, inception, metrics, modes, plot, sampler_list
+from ddpm_jax import evaluate, generate, images, inception, modes, plot, sampler_list
 from test_evaluate import _fid_numpy, _mock_split_images, _tiny_cifar10_config, _write_checkpoint
 from test_evaluate import inception_npz, mesh  # noqa: F401  (fixtures)
 

@@ -56,9 +56,9 @@ def test_bad_editing_inputs_are_one_error_line_and_no_output_folder(workdir, tmp
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
     cases = [
-        ([f"--config.sample.task=img2img", f"--config.sample.input={empty}"],
+        (["--config.sample.task=img2img", f"--config.sample.input={empty}"],
          f"cannot read sample.input='{empty}' as .npz (EOFError"),
-        ([f"--config.sample.task=img2img", f"--config.sample.input={truncated}"],
+        (["--config.sample.task=img2img", f"--config.sample.input={truncated}"],
          f"cannot read sample.input='{truncated}' as .npz (BadZipFile"),
         ([f"--config.sample.task=interpolate", f"--config.sample.input={good}",
           f"--config.sample.input2={good}", "--config.sample.num_mix=0"],
