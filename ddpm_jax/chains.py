@@ -292,7 +292,7 @@ def ddim_sample(
 # --------------------------------------------------------------------------------------
 
 METHODS = ("ancestral", "ddim", "dpm_solver", "unipc")
-SOLVER_METHODS = ("dpm_solver", "unipc")
+SOLVER_METHODS = solvers.SOLVERS
 
 
 class Method(NamedTuple):

@@ -18,7 +18,7 @@ Guidance order: each ε(x, c) is first the classifier-free guided output of its 
 c₁ = c₂ the hybrid is exactly ordinary guided sampling of c₁; the anagram is the flip-averaged
 model ½[ε(x, c) + F(ε(F(x), c))], which equals ε itself for a flip-equivariant model.
 
-Images are NHWC throughout. `run` is the `--mode=sample` driver of `sample.task=anagram|hybrid`.
+Images are NHWC throughout. `write_composed` is the `--mode=sample` driver of `sample.task=anagram|hybrid`.
 """
 
 from __future__ import annotations
@@ -175,29 +175,29 @@ def check_settings(config) -> tuple[int, int]:
 
 
 def sample(config, graphdef, params, num_samples: int, key: jax.Array) -> np.ndarray:
-    """`num_samples` composed samples [-1, 1] on one device: x_T = N(0, I) from the first half
-    of `split(key)`, the chain `sample.method` with the second, as `generate.make_sample_fn`
-    does on one device."""
+    """`num_samples` composed samples [-1, 1] on one device, sample i keyed by
+    `generate.example_keys(key, i)` (x_T and step noise) as every generated sample is, so with
+    c1 = c2 they are `--mode=sample`'s images of that seed."""
     from ddpm_jax import chains, diffusion, generate
 
     dc, sc = config.diffusion, config.sample
     c1, c2 = check_settings(config)
     chosen = generate.check_method(config)
     schedule = diffusion.schedule_from_config(dc)
-    shape = (num_samples, config.data.image_size, config.data.image_size, config.data.channels)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
     labels1 = jnp.full((num_samples,), c1, jnp.int32)
     labels2 = jnp.full((num_samples,), c2, jnp.int32)
 
     def program(params, key):
-        noise_key, loop_key = jax.random.split(key)
-        x_T = jax.random.normal(noise_key, shape, jnp.float32)
+        noise_keys, chain_keys = generate.example_keys(key, jnp.arange(num_samples))
+        x_T = generate.initial_noise(noise_keys, shape)
 
         def denoise(x, t, labels):
             return generate.sampling_model_fn(graphdef, params, config, labels)(x, t)
 
         model = composed_denoise_fn(config, denoise, labels1, labels2)
-        return chains.run_chain(chosen, model, schedule, x_T, loop_key, mean_type=dc.mean_type,
-                                  var_type=dc.var_type, clip_denoised=sc.clip_denoised)
+        return chains.run_chain(chosen, model, schedule, x_T, chain_keys, mean_type=dc.mean_type,
+                                var_type=dc.var_type, clip_denoised=sc.clip_denoised)
 
     return np.asarray(jax.device_get(jax.jit(program)(params, key)))
 
@@ -228,7 +228,7 @@ def write_composed(config, workdir: str, checkpoint: int | None = None) -> str:
             "task", "solver_order", "timestep_spacing", "ddim_eta", "ddim_skip", "num_steps",
             "ddim_steps"}
     used |= {"anagram_flip"} if sc.task == "anagram" else {"hybrid_kernel_size", "hybrid_sigma"}
-    settings = results.output_settings(config, step, 1, results.method_settings(
+    settings = results.output_settings(config, step, results.method_settings(
         {k: v for k, v in sc.to_dict().items() if k in used}))
     out_dir, existed = results.output_dir(
         workdir, f"{sc.task}_step{step:08d}_seed{sc.seed}_c{c1}-{c2}", settings)

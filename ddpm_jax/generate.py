@@ -175,6 +175,11 @@ def example_keys(key: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Arr
     return keys[:, 0], keys[:, 1]
 
 
+def initial_noise(noise_keys: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
+    """x_T [N, *image_shape] ~ N(0, I) of the samples with these x_T keys [N] (`example_keys`)."""
+    return jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(noise_keys)
+
+
 def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, *,
                    method: str | None = None, progress_every: int = 0,
                    given_noise: bool = False) -> Callable:
@@ -198,7 +203,7 @@ def make_sample_fn(graphdef: nnx.GraphDef, config, mesh: Mesh, batch_size: int, 
         rows = first_index + lax.axis_index(DATA_AXIS) * per_device + jnp.arange(per_device)
         noise_keys, chain_keys = example_keys(key, rows)
         if x_T is None:
-            x_T = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(noise_keys)
+            x_T = initial_noise(noise_keys, shape[1:])
         model_fn = sampling_model_fn(graphdef, params, config, labels)
         return chains.run_chain(chosen, model_fn, schedule, x_T, chain_keys,
                                 mean_type=dc.mean_type, var_type=dc.var_type,

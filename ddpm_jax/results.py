@@ -28,12 +28,18 @@ METHOD_FIELDS = {"ancestral": ("progress_every",), "ddim": DDIM_FIELDS + ("num_s
 SETTINGS_FILE = "settings.json"
 
 
-def output_settings(config, step: int, num_devices: int, sample: dict) -> dict:
-    """What decides a `--mode=sample` result: the checkpoint step, the device count (x_T and the
-    step noise are keyed per device), the model and diffusion configs and the given
-    `config.sample` fields. Fields not known to be irrelevant are kept, so a new field can only
-    make a new folder, never an overwrite."""
-    return {"step": int(step), "devices": int(num_devices), "sample": sample,
+# How the editing tasks key their randomness (`edit_mode.run_task`).
+TASK_KEYING = "key(sample.seed) for the whole batch, on one device"
+
+
+def output_settings(config, step: int, sample: dict,
+                    keying: str = generate.SAMPLE_KEYING) -> dict:
+    """What decides a `--mode=sample` result: the checkpoint step, how its randomness is keyed
+    (generated samples by their index, `generate.SAMPLE_KEYING`, so not by the device count or
+    batch size), the model and diffusion configs and the given `config.sample` fields. Fields
+    not known to be irrelevant are kept, so a new field can only make a new folder, never an
+    overwrite."""
+    return {"step": int(step), "keying": keying, "sample": sample,
             "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
             "data": {"image_size": config.data.image_size, "channels": config.data.channels}}
 
@@ -51,9 +57,9 @@ def method_settings(sample: dict) -> dict:
     return out
 
 
-def generate_settings(config, step: int, num_devices: int) -> dict:
+def generate_settings(config, step: int) -> dict:
     sample = {k: v for k, v in config.sample.to_dict().items() if k not in EDIT_ONLY_FIELDS}
-    return output_settings(config, step, num_devices, method_settings(sample))
+    return output_settings(config, step, method_settings(sample))
 
 
 def _canonical(settings: dict) -> str:
@@ -124,4 +130,4 @@ def task_settings(config, inputs, step: int) -> dict:
     names = ["input"] + (["input2"] if task == "interpolate" else []) + (
         ["mask"] if task == "inpaint" else [])
     sample["sha256"] = {name: _sha256(sc[name]) for name in names}
-    return output_settings(config, step, 1, sample)
+    return output_settings(config, step, sample, keying=TASK_KEYING)

@@ -30,7 +30,7 @@ def write_samples(config, workdir: str, checkpoint: int | None = None) -> str:
     name = f"{sc.method}_step{step:08d}_seed{sc.seed}"
     if labels is not None:
         name += f"_w{generate.guidance_scale(config):g}"
-    settings = results.generate_settings(config, step, mesh.devices.size)
+    settings = results.generate_settings(config, step)
     out_dir, existed = results.output_dir(workdir, name, settings)
     progress_every = sc.progress_every if sc.method == "ancestral" else 0
     key = jax.random.key(sc.seed)

@@ -162,10 +162,10 @@ def unet_params():
 
 
 def _ordinary_sample(config, graphdef, params, num, key, model_of):
-    """Ordinary conditional sampling of class 2: x_T from split(key)[0], the chain with [1]."""
+    """Ordinary conditional sampling of class 2, sample i keyed as `generate` keys it."""
     dc = config.diffusion
-    noise_key, loop_key = jax.random.split(key)
-    x_T = jax.random.normal(noise_key, (num, 8, 8, 1), jnp.float32)
+    noise_keys, loop_key = generate.example_keys(key, jnp.arange(num))
+    x_T = generate.initial_noise(noise_keys, (8, 8, 1))
     labels = jnp.full((num,), 2, jnp.int32)
     guided = generate.sampling_model_fn(graphdef, params, config, labels)
     schedule = diffusion.schedule_from_config(dc)
@@ -183,6 +183,11 @@ def test_identical_classes_reduce_to_ordinary_guided_sampling(unet_params, metho
     hybrid = composed.sample(config, graphdef, params, 4, key)
     plain = _ordinary_sample(config, graphdef, params, 4, key, lambda guided: guided)
     np.testing.assert_allclose(hybrid, plain, atol=2e-5)
+    # ... and the images `--mode=sample` draws for that seed, on whatever devices and batches.
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    drawn = np.concatenate([s for s, _ in generate.batches(
+        graphdef, params, config, mesh, 4, key, batch_size=2, labels=np.full(4, 2))])
+    np.testing.assert_allclose(hybrid, drawn, atol=2e-5)
     # The anagram of one class is ordinary sampling of the flip-averaged guided model.
     config = _conditional_config("anagram", method)
     anagram = composed.sample(config, graphdef, params, 4, key)

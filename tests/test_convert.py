@@ -355,7 +355,7 @@ def test_sample_on_all_devices(tf_converted, tf_pipe):
     key = jax.random.key(7)
     floats = pipe.sample(8, key, method="ddim", ddim_steps=2, output="float")
     assert floats.shape == (8, 16, 16, 3) and floats.dtype == np.float32
-    # Batches of 8 per call keyed fold_in(key, call): the first call repeats, the second differs.
+    # Sample i keyed fold_in(key, i): the first 8 of 16 repeat the 8, the next 8 are new ones.
     sixteen = pipe.sample(16, key, method="ddim", ddim_steps=2, output="float")
     np.testing.assert_array_equal(sixteen[:8], floats)
     assert np.abs(sixteen[8:] - floats).max() > 0.1

@@ -318,7 +318,7 @@ def test_settings_of_other_solver_settings_differ_and_ddim_alias_matches():
     def settings(**sample):
         config = tiny_config()
         config.sample.update(sample)
-        return results.generate_settings(config, 1, 8)
+        return results.generate_settings(config, 1)
 
     base = settings(method="dpm_solver", num_steps=5)
     for change in (dict(solver_order=3), dict(timestep_spacing="trailing"), dict(num_steps=6),
