@@ -18,6 +18,9 @@ processed in chunks scanned one after another, gradients accumulated, with the s
 the unsplit step. Dropout is keyed per group, so results do not depend on the device count as
 long as groups lie inside devices; a group split into microbatches or over devices draws one
 dropout key per part.
+
+On the CPU backend the groups of one model call are not vmapped but computed as separate,
+unrolled parts (`parallel_parts`), which XLA:CPU runs side by side.
 """
 
 from __future__ import annotations
@@ -119,6 +122,33 @@ def _map_or_single(fn: Callable, xs: Any, length: int) -> Any:
     return jax.vmap(fn)(*xs)
 
 
+# "auto": on the CPU backend one part per group, up to MAX_AUTO_PARTS; 1 elsewhere. Or an int.
+PARALLEL_PARTS: Any = "auto"
+MAX_AUTO_PARTS = 8
+
+
+def parallel_parts(layout: GroupLayout) -> int:
+    """Into how many independent, unrolled parts the vmapped groups of one model call split.
+
+    Why: XLA:CPU runs each convolution or fusion of a device's program on about one thread, but
+    runs independent ops side by side, and a group axis added by `vmap` makes every op of the
+    model a batched one. One part per group gives it unbatched ops and independent work: the
+    learner step (8 groups of 16 on one device) ran 1.44x faster, 1.15-1.24x with two devices
+    (benchmarks/README.md, "fourth session"), at 1.2-2.2x the compile time. Each group keeps
+    its examples and dropout key, so only the float summation order changes. TPU/GPU keep one
+    vmapped call.
+    """
+    parts = PARALLEL_PARTS
+    if parts == "auto":
+        if jax.default_backend() != "cpu":
+            return 1
+        parts = MAX_AUTO_PARTS
+    parts = min(int(parts), layout.groups_per_call)
+    while layout.groups_per_call % parts:
+        parts -= 1
+    return parts if layout.devices_per_group == 1 else 1
+
+
 def clipped_mean_gradient(loss_fn: Callable, params: Any, examples: tuple, step_key: jax.Array,
                           *, layout: GroupLayout, grad_clip: float, device: jax.Array,
                           num_devices: int) -> tuple[Any, jax.Array, jax.Array]:
@@ -165,13 +195,25 @@ def clipped_mean_gradient(loss_fn: Callable, params: Any, examples: tuple, step_
         total, losses = lax.scan(accumulate, zeros, (jnp.arange(lay.calls_per_group), group_parts))
         return jax.tree.map(lambda g: g / lay.calls_per_group, total), losses
 
-    def clipped_groups(chunk_parts, chunk_ids):
-        raw, losses = _map_or_single(raw_group_gradient, (chunk_parts, chunk_ids),
-                                     lay.groups_per_call)
+    def clipped_part(part, part_ids):
+        count = part_ids.shape[0]
+        raw, losses = _map_or_single(raw_group_gradient, (part, part_ids), count)
         raw = block_mean(raw, lay.devices_per_group, num_devices)
         clipped, norms = _map_or_single(lambda g: optim.clip_by_global_norm(g, grad_clip), (raw,),
-                                        lay.groups_per_call)
+                                        count)
         return jax.tree.map(lambda g: jnp.sum(g, 0), clipped), jnp.sum(norms), losses
+
+    splits = parallel_parts(lay)
+
+    def clipped_groups(chunk_parts, chunk_ids):
+        if splits == 1:
+            return clipped_part(chunk_parts, chunk_ids)
+        size = lay.groups_per_call // splits
+        pieces = [clipped_part(jax.tree.map(lambda x: x[i * size:(i + 1) * size], chunk_parts),
+                               chunk_ids[i * size:(i + 1) * size]) for i in range(splits)]
+        grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *(p[0] for p in pieces))
+        norms = sum((p[1] for p in pieces[1:]), pieces[0][1])
+        return grads, norms, jnp.concatenate([p[2] for p in pieces])
 
     if outer == 1:
         first = lambda x: x[0]

@@ -146,3 +146,40 @@ def test_impossible_layouts_are_one_line_errors(config, change, devices, message
         tc[key] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         gradients.group_layout(tc, tc.batch_size, devices)
+
+
+@pytest.mark.parametrize("group, parts", [
+    (16, 1),  # the two groups vmapped in one model call (TPU/GPU)
+    (16, 2),  # each group its own part (the CPU default)
+    (8, 2),  # four groups in two parts of two vmapped groups
+    (8, 3),  # 3 does not divide 4 groups: two parts
+])
+def test_groups_split_into_parallel_parts_give_the_same_step(config, images, monkeypatch, group,
+                                                             parts):
+    config = config.copy_and_resolve_references()
+    config.training.clip_group_size = group
+    monkeypatch.setattr(gradients, "PARALLEL_PARTS", parts)
+    state, metrics = _step(config, images, 1)
+    params, ema, mu, nu = _reference_step(config, images)
+    assert _max_diff(state.params, params) <= 1e-5
+    assert _max_diff(state.opt_state[0].mu, mu) <= 1e-7
+    # Per-example losses stay with their timesteps: the quartile sums equal the unsplit step's.
+    monkeypatch.setattr(gradients, "PARALLEL_PARTS", 1)
+    _, whole = _step(config, images, 1)
+    np.testing.assert_allclose(metrics["quartile_loss_sum"], whole["quartile_loss_sum"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], whole["grad_norm"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend, group, devices, expected", [
+    ("cpu", 16, 1, 2),  # two groups on the device: one part each
+    ("cpu", 2, 1, gradients.MAX_AUTO_PARTS),  # 16 groups: capped
+    ("cpu", 16, 4, 1),  # a group spans two devices: nothing to split
+    ("tpu", 16, 1, 1),  # accelerators keep the vmapped groups
+    ("gpu", 16, 1, 1),
+])
+def test_automatic_parallel_parts(config, monkeypatch, backend, group, devices, expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    tc = config.training.copy_and_resolve_references()
+    tc.clip_group_size = group
+    assert gradients.parallel_parts(gradients.group_layout(tc, BATCH, devices)) == expected
