@@ -118,6 +118,7 @@ def test_group_clipping_differs_from_clipping_the_mean(config, images):
 @pytest.mark.parametrize("mode, group, devices, micro", [
     ("group", 16, 1, 8),  # two groups scanned, each accumulated over two chunks before clipping
     ("group", 16, 4, 4),  # a group spanning two devices, in chunks
+    ("group", 8, 1, 16),  # four groups: two chunks scanned, each two groups (in parts on CPU)
     ("per_device", 0, 2, 8),
     ("global", 0, 4, 2),
 ])
