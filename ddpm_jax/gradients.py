@@ -135,9 +135,8 @@ def parallel_parts(layout: GroupLayout) -> int:
     model a batched one. One part per group gives it unbatched ops and independent work: the
     learner step (8 groups of 16 on one device) ran 1.44x faster, 1.15-1.24x with two devices
     (benchmarks/README.md, "fourth session"), at 1.2-2.2x the compile time; the CIFAR10
-    model, whose ops are large, gains nothing. Each group keeps
-    its examples and dropout key, so only the float summation order changes. TPU/GPU keep one
-    vmapped call.
+    model, whose ops are large, gains nothing. Each group keeps its examples and dropout key,
+    so only the float summation order changes. TPU/GPU keep one vmapped call.
     """
     parts = PARALLEL_PARTS
     if parts == "auto":
