@@ -195,22 +195,21 @@ def clipped_mean_gradient(loss_fn: Callable, params: Any, examples: tuple, step_
         total, losses = lax.scan(accumulate, zeros, (jnp.arange(lay.calls_per_group), group_parts))
         return jax.tree.map(lambda g: g / lay.calls_per_group, total), losses
 
-    def clipped_part(part, part_ids):
-        count = part_ids.shape[0]
-        raw, losses = _map_or_single(raw_group_gradient, (part, part_ids), count)
+    def clipped_sum(group_examples, ids):
+        count = ids.shape[0]
+        raw, losses = _map_or_single(raw_group_gradient, (group_examples, ids), count)
         raw = block_mean(raw, lay.devices_per_group, num_devices)
         clipped, norms = _map_or_single(lambda g: optim.clip_by_global_norm(g, grad_clip), (raw,),
                                         count)
         return jax.tree.map(lambda g: jnp.sum(g, 0), clipped), jnp.sum(norms), losses
 
     splits = parallel_parts(lay)
+    size = lay.groups_per_call // splits
 
     def clipped_groups(chunk_parts, chunk_ids):
-        if splits == 1:
-            return clipped_part(chunk_parts, chunk_ids)
-        size = lay.groups_per_call // splits
-        pieces = [clipped_part(jax.tree.map(lambda x: x[i * size:(i + 1) * size], chunk_parts),
-                               chunk_ids[i * size:(i + 1) * size]) for i in range(splits)]
+        """The clipped gradients' sum, norms' sum and losses of one call's groups, in parts."""
+        pieces = [clipped_sum(jax.tree.map(lambda x: x[i * size:(i + 1) * size], chunk_parts),
+                              chunk_ids[i * size:(i + 1) * size]) for i in range(splits)]
         grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *(p[0] for p in pieces))
         norms = sum((p[1] for p in pieces[1:]), pieces[0][1])
         return grads, norms, jnp.concatenate([p[2] for p in pieces])

@@ -1,6 +1,7 @@
 """Utilisation figures: XLA's FLOP count against a closed form, peaks and the fraction."""
 
 import json
+import os
 import time
 
 import jax
@@ -58,8 +59,6 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path):
 def test_cpu_peak_is_the_best_matmul_rate_and_old_entries_are_measured_again(tmp_path):
     # An entry of the one-shot measurement (a 1024² mean, keyed by the CPU count alone) could
     # hold a rate taken under load; it must not be reused.
-    import os
-
     cache = tmp_path / "peak.json"
     cache.write_text(json.dumps({f"{os.cpu_count()}-cpus": 1.0}))
     peak = utilisation.measured_cpu_peak(str(cache))
