@@ -12,6 +12,9 @@ in the same run, interleaved call by call, and a ratio line is printed.
 `--baseline conv.PER_SLICE_UNDER_VMAP=False` (repeatable, `module.ATTR=VALUE` of `ddpm_jax`)
 also builds the step with those switches set and times it interleaved with the others
 (`impl: jax_baseline`), so that old and new are compared under the same load.
+`--baseline_xla_option xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME` (repeatable) compiles
+that baseline with XLA options instead of or as well as switches: XLA_FLAGS apply to a whole
+process, these to one program, so that an XLA option is timed against the default in one run.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--baseline", action="append", default=[], metavar="MODULE.ATTR=VALUE",
                         help="also time the step built with ddpm_jax.MODULE.ATTR = VALUE, e.g. "
                              "conv.PER_SLICE_UNDER_VMAP=False (repeatable)")
+    parser.add_argument("--baseline_xla_option", action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="compile the baseline step with this XLA option, e.g. "
+                             "xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -63,19 +70,52 @@ def parse_switches(items: list[str]) -> list[tuple[Any, str, Any]]:
     return switches
 
 
-def build_with(switches: list[tuple[Any, str, Any]], *args):
-    """`build(*args)` with the module attributes `switches` set while it traces."""
+def parse_xla_options(items: list[str]) -> dict[str, Any]:
+    """`NAME=VALUE` items → XLA compile options (true/false and integers typed); exit 2 on a
+    name that is no XLA option name."""
+    options: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not (sep and name.startswith("xla_") and raw):
+            print(f"error: --baseline_xla_option {item!r} is not NAME=VALUE with an XLA option "
+                  "name; e.g. --baseline_xla_option xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        lowered = raw.lower()
+        options[name] = (lowered == "true" if lowered in ("true", "false")
+                         else int(raw) if raw.lstrip("-").isdigit() else raw)
+    return options
+
+
+def compile_with(lowered, xla_options: dict[str, Any]):
+    """`lowered.compile()` with `xla_options`; an option XLA refuses exits 2 with its reason."""
+    import jax
+
+    try:
+        return lowered.compile(compiler_options=xla_options or None)
+    except jax.errors.JaxRuntimeError as e:
+        if not xla_options:
+            raise
+        reason = str(e).splitlines()[0]
+        print(f"error: XLA refused --baseline_xla_option {xla_options}: {reason}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def build_with(switches: list[tuple[Any, str, Any]], *args, xla_options=None):
+    """`build(*args)` with the module attributes `switches` set while it traces, compiled with
+    `xla_options`."""
     saved = [(module, attr, getattr(module, attr)) for module, attr, _ in switches]
     try:
         for module, attr, value in switches:
             setattr(module, attr, value)
-        return build(*args)
+        return build(*args, xla_options=xla_options)
     finally:
         for module, attr, value in reversed(saved):
             setattr(module, attr, value)
 
 
-def build(config, devices: int, per_device_batch: int, steps_per_call: int):
+def build(config, devices: int, per_device_batch: int, steps_per_call: int, xla_options=None):
     """The train state on the mesh, the compiled step and a fixed uint8 batch for it."""
     import jax
     import numpy as np
@@ -98,7 +138,7 @@ def build(config, devices: int, per_device_batch: int, steps_per_call: int):
     seed_key = jax.random.key(0)
 
     start = time.perf_counter()
-    compiled = step.lower(state, images, labels, seed_key).compile()
+    compiled = compile_with(step.lower(state, images, labels, seed_key), xla_options or {})
     compile_s = time.perf_counter() - start
     return compiled, state, (images, labels, seed_key), compile_s
 
@@ -111,6 +151,8 @@ def main(argv=None) -> None:
 
     config = common.load_config(args.config, args.set)
     switches = parse_switches(args.baseline)
+    xla_options = parse_xla_options(args.baseline_xla_option)
+    has_baseline = bool(args.baseline or xla_options)
     compiled, state, batch, compile_s = build(config, args.devices, args.per_device_batch,
                                               args.steps_per_call)
     global_batch = config.training.batch_size
@@ -127,12 +169,12 @@ def main(argv=None) -> None:
     metrics = run_jax()  # first execution: allocations, thread-pool start-up
     first_call_s = time.perf_counter() - start
     runners = {"jax": run_jax}
-    if args.baseline:
+    if has_baseline:
         import copy
 
         base_compiled, base_state, base_batch, base_compile_s = build_with(
             switches, copy.deepcopy(config), args.devices, args.per_device_batch,
-            args.steps_per_call)
+            args.steps_per_call, xla_options=xla_options)
         base_holder = {"state": base_state}
 
         def run_baseline():
@@ -170,9 +212,10 @@ def main(argv=None) -> None:
                  "loss_last": float(metrics["loss"][-1]),
                  "xla_memory": common.xla_memory(compiled),
                  "peak_rss_bytes": common.peak_rss_bytes(), **common.machine_info()})
-    if args.baseline:
+    if has_baseline:
         base_time = timings["jax_baseline"]["median_s"] / k
         common.emit({**base, "impl": "jax_baseline", "baseline": args.baseline,
+                     "baseline_xla_options": xla_options,
                      **timings["jax_baseline"], "compile_s": base_compile_s,
                      "s_per_step": base_time, "images_per_s": global_batch / base_time})
         common.emit({**base, "impl": "ratio", "baseline_over_jax_s_per_step": base_time / jax_time})
@@ -188,7 +231,7 @@ def main(argv=None) -> None:
     if args.profile:
         common.emit({**base, "impl": "jax", "profile": common.profile_ops(
             run_jax, args.profile, compiled.as_text())})
-        if args.baseline:
+        if has_baseline:
             common.emit({**base, "impl": "jax_baseline", "profile": common.profile_ops(
                 run_baseline, os.path.join(args.profile, "baseline"), base_compiled.as_text())})
 

@@ -3,6 +3,7 @@
 1- and 3-channel input layers, odd sizes and stride 2."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
@@ -199,3 +200,36 @@ def test_benchmark_baseline_switches(capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and bad in err
         assert "is not MODULE.ATTR=VALUE of an existing ddpm_jax attribute" in err
+
+
+def test_benchmark_baseline_xla_options(capsys):
+    """benchmarks/train_throughput.py --baseline_xla_option: XLA options for one program."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import train_throughput
+
+    assert train_throughput.parse_xla_options(
+        ["xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME", "xla_cpu_enable_fast_math=True",
+         "xla_cpu_prefer_vector_width=512"]) == {
+        "xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME", "xla_cpu_enable_fast_math": True,
+        "xla_cpu_prefer_vector_width": 512}
+    for bad in ["opt_preset=FAST", "xla_cpu_opt_preset", "xla_cpu_opt_preset="]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_throughput.parse_xla_options([bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and repr(bad) in err
+
+    lowered = jax.jit(lambda x: jnp.sin(x) * 2.0).lower(jnp.ones(4))
+    # The option reaches XLA: a value it does not know is refused, as one line and status 2.
+    with pytest.raises(SystemExit) as exit_info:
+        train_throughput.compile_with(lowered, {"xla_cpu_opt_preset": "NO_SUCH_PRESET"})
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: XLA refused") and err.count("\n") == 1, err
+    assert "xla_cpu_opt_preset" in err
+    compiled = train_throughput.compile_with(
+        lowered, {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME"})
+    assert float(compiled(jnp.ones(4))[0]) == pytest.approx(2.0 * np.sin(1.0), rel=1e-6)
