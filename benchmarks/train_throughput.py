@@ -87,16 +87,17 @@ def parse_xla_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def compile_with(lowered, xla_options: dict[str, Any]):
-    """`lowered.compile()` with `xla_options`; an option XLA refuses exits 2 with its reason."""
+def compile_with(lowered, xla_options: dict[str, Any] | None):
+    """`lowered.compile()` with `xla_options`; an option XLA refuses exits 2 with its reason
+    (other compile errors propagate)."""
     import jax
 
     try:
         return lowered.compile(compiler_options=xla_options or None)
     except jax.errors.JaxRuntimeError as e:
-        if not xla_options:
-            raise
         reason = str(e).splitlines()[0]
+        if not xla_options or "option" not in reason:
+            raise
         print(f"error: XLA refused --baseline_xla_option {xla_options}: {reason}",
               file=sys.stderr)
         raise SystemExit(2) from None
@@ -138,7 +139,7 @@ def build(config, devices: int, per_device_batch: int, steps_per_call: int, xla_
     seed_key = jax.random.key(0)
 
     start = time.perf_counter()
-    compiled = compile_with(step.lower(state, images, labels, seed_key), xla_options or {})
+    compiled = compile_with(step.lower(state, images, labels, seed_key), xla_options)
     compile_s = time.perf_counter() - start
     return compiled, state, (images, labels, seed_key), compile_s
 
